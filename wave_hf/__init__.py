@@ -1,0 +1,1 @@
+"""wave-hf: a ViT model factory on the Hugging Face stack (WAVE templates, FS-Merge)."""

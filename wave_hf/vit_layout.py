@@ -1,0 +1,196 @@
+"""The one module that knows how a transformers ViT names and shapes its tensors.
+
+transformers 5 renamed the ViT weights (``vit.layers.N.attention.q_proj`` instead of
+``vit.encoder.layer.N.attention.attention.query``) and converts old checkpoints at load time. Every
+other module of wave-hf asks this one for keys and modules, so the next rename is a one-file change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import ViTConfig, ViTForImageClassification
+
+ENCODER_PREFIX = "vit."
+CLASSIFIER = "classifier"
+
+# Per-layer tensors, by the short names the rest of the library uses.
+LAYER_MATRICES: dict[str, str] = {
+    "q": "attention.q_proj.weight",
+    "k": "attention.k_proj.weight",
+    "v": "attention.v_proj.weight",
+    "o": "attention.o_proj.weight",
+    "fc1": "mlp.fc1.weight",
+    "fc2": "mlp.fc2.weight",
+}
+LAYER_VECTORS: dict[str, str] = {
+    "q_bias": "attention.q_proj.bias",
+    "k_bias": "attention.k_proj.bias",
+    "v_bias": "attention.v_proj.bias",
+    "o_bias": "attention.o_proj.bias",
+    "fc1_bias": "mlp.fc1.bias",
+    "fc2_bias": "mlp.fc2.bias",
+    "ln1_weight": "layernorm_before.weight",
+    "ln1_bias": "layernorm_before.bias",
+    "ln2_weight": "layernorm_after.weight",
+    "ln2_bias": "layernorm_after.bias",
+}
+# Tensors outside the layers.
+GLOBAL_TENSORS: dict[str, str] = {
+    "patch_weight": "embeddings.patch_embeddings.projection.weight",
+    "patch_bias": "embeddings.patch_embeddings.projection.bias",
+    "cls": "embeddings.cls_token",
+    "pos": "embeddings.position_embeddings",
+    "final_ln_weight": "layernorm.weight",
+    "final_ln_bias": "layernorm.bias",
+}
+# Linear layers and LayerNorms of one block, by short name -> module path inside the layer.
+LAYER_LINEARS: dict[str, str] = {
+    "q": "attention.q_proj",
+    "k": "attention.k_proj",
+    "v": "attention.v_proj",
+    "o": "attention.o_proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
+LAYER_NORMS: dict[str, str] = {"ln1": "layernorm_before", "ln2": "layernorm_after"}
+FINAL_NORM = "layernorm"
+PATCH_CONV = "embeddings.patch_embeddings.projection"
+
+
+def layer_key(layer: int, name: str) -> str:
+    """Full state-dict key of a per-layer tensor, e.g. ``layer_key(3, "q")``."""
+    table = LAYER_MATRICES if name in LAYER_MATRICES else LAYER_VECTORS
+    return f"{ENCODER_PREFIX}layers.{layer}.{table[name]}"
+
+
+def global_key(name: str) -> str:
+    """Full state-dict key of a tensor outside the layers, e.g. ``global_key("pos")``."""
+    return ENCODER_PREFIX + GLOBAL_TENSORS[name]
+
+
+def encoder_keys(depth: int) -> list[str]:
+    """Every encoder key of a ViT of this depth, in a fixed order (the classifier excluded)."""
+    keys = [global_key(n) for n in GLOBAL_TENSORS]
+    for layer in range(depth):
+        keys += [layer_key(layer, n) for n in LAYER_MATRICES]
+        keys += [layer_key(layer, n) for n in LAYER_VECTORS]
+    return keys
+
+
+def classifier_keys() -> list[str]:
+    return [f"{CLASSIFIER}.weight", f"{CLASSIFIER}.bias"]
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The block list of a ``ViTForImageClassification`` or a ``ViTModel``."""
+    vit = model.vit if hasattr(model, "vit") else model
+    return vit.layers
+
+
+def encoder(model: nn.Module) -> nn.Module:
+    """The ``ViTModel`` inside a ``ViTForImageClassification`` (or the model itself)."""
+    return model.vit if hasattr(model, "vit") else model
+
+
+def submodule(root: nn.Module, dotted: str) -> nn.Module:
+    return root.get_submodule(dotted)
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    """The size of a ViT as the rest of the library talks about it."""
+
+    depth: int
+    width: int
+    num_heads: int
+    mlp_ratio: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+def shape_of(config: ViTConfig) -> ViTShape:
+    """Read a ``ViTConfig`` into a ``ViTShape``; an MLP that is not an integer multiple raises."""
+    if config.intermediate_size % config.hidden_size:
+        raise ValueError(
+            f"intermediate_size={config.intermediate_size} is not a multiple of hidden_size="
+            f"{config.hidden_size}; wave-hf supports integer MLP ratios only"
+        )
+    return ViTShape(
+        depth=config.num_hidden_layers,
+        width=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        mlp_ratio=config.intermediate_size // config.hidden_size,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+    )
+
+
+def make_vit_config(
+    shape: ViTShape,
+    *,
+    layer_norm_eps: float = 1e-12,
+    qkv_bias: bool = True,
+    hidden_act: str = "gelu",
+    num_labels: int = 10,
+    id2label: dict[int, str] | None = None,
+) -> ViTConfig:
+    """A stock ``ViTConfig``: the model it describes loads with plain transformers."""
+    if id2label is not None:
+        id2label = {int(k): str(v) for k, v in id2label.items()}
+        num_labels = len(id2label)
+    kwargs = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}
+    return ViTConfig(
+        hidden_size=shape.width,
+        num_hidden_layers=shape.depth,
+        num_attention_heads=shape.num_heads,
+        intermediate_size=shape.mlp_ratio * shape.width,
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
+        num_channels=shape.num_channels,
+        layer_norm_eps=layer_norm_eps,
+        qkv_bias=qkv_bias,
+        hidden_act=hidden_act,
+        num_labels=num_labels,
+        **kwargs,
+    )
+
+
+def tensor_shapes(shape: ViTShape, num_labels: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every key, computed without building a model."""
+    d, h = shape.width, shape.mlp_ratio * shape.width
+    out: dict[str, tuple[int, ...]] = {
+        global_key("patch_weight"): (d, shape.num_channels, shape.patch_size, shape.patch_size),
+        global_key("patch_bias"): (d,),
+        global_key("cls"): (1, 1, d),
+        global_key("pos"): (1, shape.num_tokens, d),
+        global_key("final_ln_weight"): (d,),
+        global_key("final_ln_bias"): (d,),
+    }
+    per_layer = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "fc1": (h, d), "fc2": (d, h),
+                 "fc1_bias": (h,)}
+    for layer in range(shape.depth):
+        for name in list(LAYER_MATRICES) + list(LAYER_VECTORS):
+            out[layer_key(layer, name)] = per_layer.get(name, (d,))
+    if num_labels is not None:
+        out[f"{CLASSIFIER}.weight"] = (num_labels, d)
+        out[f"{CLASSIFIER}.bias"] = (num_labels,)
+    return out
+
+
+def empty_classifier(config: ViTConfig) -> ViTForImageClassification:
+    """A ``ViTForImageClassification`` on the meta device: no memory, no random init to overwrite."""
+    with torch.device("meta"):
+        return ViTForImageClassification(config)
