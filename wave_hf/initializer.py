@@ -1,0 +1,206 @@
+"""``WaveInitializer``: the call users write, ``WaveInitializer.from_pretrained(repo).build(depth=..., width=...)``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+
+from . import vit_layout
+from .configuration_wave import WaveTemplateConfig
+from .fold import head_init_, parametrize_vit
+from .io import atomic_dir, push_folder, resolve_folder
+from .rule import assemble
+from .scalers import Scalers, check_size
+from .templates import TemplateBank
+
+DEFAULT_BANK = Path(__file__).resolve().parent / "default_bank"
+DEFAULT_NAMES = ("default", "wave-hf/default")
+BANK_FILES = ["config.json", "model.safetensors", "README.md", "scalers/*.safetensors"]
+
+
+def _check_bank_folder(folder: Path, name: str) -> None:
+    for required in ("config.json", "model.safetensors"):
+        path = folder / required
+        if not path.is_file():
+            raise FileNotFoundError(f"{name!r} has no {required} (looked in {folder})")
+        if path.stat().st_size == 0:
+            raise OSError(f"{path} is empty (zero bytes): the bank was not written completely")
+
+
+class WaveInitializer:
+    """A template bank plus the scalers fitted for particular sizes; builds stock ViTs of any size.
+
+    Args:
+        bank: the ``TemplateBank`` to assemble from.
+        scalers: fitted ``Scalers``, keyed by ``(depth, width, num_heads)``; ``build`` uses them when the
+            size matches and otherwise starts from the auxiliary scalers (resampled by depth and width).
+    """
+
+    def __init__(self, bank: TemplateBank, scalers: dict[tuple[int, int, int], Scalers] | None = None):
+        if not isinstance(bank, TemplateBank):
+            raise TypeError(f"bank must be a TemplateBank, got {type(bank).__name__}")
+        self.bank = bank
+        self.config: WaveTemplateConfig = bank.config
+        self.fitted: dict[tuple[int, int, int], Scalers] = dict(scalers or {})
+
+    def __repr__(self) -> str:
+        c = self.config
+        sizes = ", ".join(f"{d}x{w}" for d, w, _ in sorted(self.fitted)) or "none"
+        return (
+            f"WaveInitializer(template_width={c.template_width}, num_templates={c.num_templates}, "
+            f"aux={c.aux_depth}x{c.aux_width}, teacher={c.teacher_name_or_path!r}, fitted sizes: {sizes})"
+        )
+
+    # ------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike = "default",
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> WaveInitializer:
+        """Load a bank from a folder, a Hub repo id (``revision``, cache, offline mode) or ``"default"``,
+        the bank shipped inside the package (no network)."""
+        name = os.fspath(path_or_repo_id)
+        if name in DEFAULT_NAMES:
+            folder = DEFAULT_BANK
+            if not (folder / "model.safetensors").is_file():
+                raise FileNotFoundError(
+                    f"the embedded default bank is missing from {folder}; reinstall wave-hf or pass a bank path"
+                )
+        else:
+            folder = resolve_folder(
+                path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                token=token, allow_patterns=BANK_FILES,
+            )
+        _check_bank_folder(folder, name)
+        # config.json first, so that a wrong model_type fails with our message, not a shape mismatch.
+        config = WaveTemplateConfig.from_pretrained(folder)
+        try:
+            bank, info = TemplateBank.from_pretrained(folder, config=config, output_loading_info=True)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise OSError(f"could not read the template bank in {folder}: {err}") from err
+        bad = info["missing_keys"] or info["unexpected_keys"] or info.get("mismatched_keys")
+        if bad:
+            raise ValueError(
+                f"template bank {name!r} does not match its config.json: missing {sorted(info['missing_keys'])}, "
+                f"unexpected {sorted(info['unexpected_keys'])}, mismatched {info.get('mismatched_keys')}"
+            )
+        bank.check_finite()
+        bank.requires_grad_(False)
+        scalers = {}
+        for path in sorted((folder / "scalers").glob("*.safetensors")):
+            s = Scalers.load(path, config)
+            scalers[(s.depth, s.width, s.num_heads)] = s
+        return cls(bank, scalers)
+
+    # ---------------------------------------------------------------------------------- assembling
+    def vit_config(self, depth: int, width: int, num_heads: int | None = None, num_labels: int = 10,
+                   id2label: dict[int, str] | None = None) -> ViTConfig:
+        """The stock ``ViTConfig`` of a target size (validated against the bank)."""
+        heads = check_size(self.config, depth, width, num_heads)
+        if id2label is None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
+            raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
+        c = self.config
+        shape = vit_layout.ViTShape(depth, width, heads, c.mlp_ratio, c.image_size, c.patch_size, c.num_channels)
+        return vit_layout.make_vit_config(
+            shape, layer_norm_eps=c.layer_norm_eps, qkv_bias=c.qkv_bias, hidden_act=c.hidden_act,
+            num_labels=num_labels, id2label=id2label,
+        )
+
+    def scalers_for(self, depth: int, width: int, num_heads: int | None = None, seed: int = 0) -> Scalers:
+        """Fitted scalers for this size if the bank has them, else the default init from the auxiliary ones."""
+        heads = check_size(self.config, depth, width, num_heads)
+        fitted = self.fitted.get((depth, width, heads))
+        if fitted is not None:
+            return fitted
+        return Scalers.from_source(self.config, self.bank.aux, depth, width, heads, seed=seed)
+
+    def _resolve_scalers(self, depth: int, width: int, num_heads: int | None, scalers: Scalers | None,
+                         seed: int) -> Scalers:
+        if scalers is None:
+            return self.scalers_for(depth, width, num_heads, seed)
+        if not isinstance(scalers, Scalers):
+            raise TypeError(f"scalers must be a Scalers, got {type(scalers).__name__}")
+        heads = check_size(self.config, depth, width, num_heads)
+        if (scalers.depth, scalers.width, scalers.num_heads) != (depth, width, heads):
+            raise ValueError(
+                f"scalers are for depth={scalers.depth}, width={scalers.width}, heads={scalers.num_heads}; "
+                f"asked for depth={depth}, width={width}, heads={heads}"
+            )
+        return scalers
+
+    @torch.no_grad()
+    def build(
+        self,
+        depth: int,
+        width: int,
+        num_heads: int | None = None,
+        num_labels: int = 10,
+        id2label: dict[int, str] | None = None,
+        scalers: Scalers | None = None,
+        seed: int = 0,
+    ) -> ViTForImageClassification:
+        """A stock ``ViTForImageClassification`` with WAVE weights and a new classifier head.
+
+        Built on the meta device and filled with ``load_state_dict(assign=True)``: nothing is randomly
+        initialized and then overwritten. ``seed`` fixes the head and any new scaler entries.
+        """
+        vit_config = self.vit_config(depth, width, num_heads, num_labels, id2label)
+        scalers = self._resolve_scalers(depth, width, num_heads, scalers, seed)
+        state = assemble(self.config, self.bank.templates, scalers)
+        model = vit_layout.empty_classifier(vit_config)
+        head_init_(model, seed)
+        state.update({k: v.detach() for k, v in model.classifier.state_dict(prefix="classifier.").items()})
+        model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+        model.eval()
+        return model
+
+    def parametrize(
+        self,
+        depth: int,
+        width: int,
+        num_heads: int | None = None,
+        num_labels: int = 10,
+        id2label: dict[int, str] | None = None,
+        scalers: Scalers | None = None,
+        seed: int = 0,
+    ) -> ViTForImageClassification:
+        """The same model as ``build``, with its encoder computed from frozen templates and trainable scalers.
+
+        Train it (only the scalers and the head have gradients), then ``wave_hf.fold(model)``.
+        """
+        vit_config = self.vit_config(depth, width, num_heads, num_labels, id2label)
+        scalers = self._resolve_scalers(depth, width, num_heads, scalers, seed)
+        trainable = Scalers(self.config, depth, width, scalers.num_heads)
+        trainable.load_state_dict(scalers.state_dict())
+        return parametrize_vit(self.config, self.bank.templates, trainable, vit_config, seed=seed)
+
+    # -------------------------------------------------------------------------------------- saving
+    def add_scalers(self, scalers: Scalers) -> None:
+        """Keep fitted scalers with the bank: ``build`` uses them and ``save_pretrained`` writes them."""
+        self.fitted[(scalers.depth, scalers.width, scalers.num_heads)] = scalers
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """The bank folder (config, weights, card) with every fitted set under ``scalers/``, atomically."""
+        with atomic_dir(save_directory) as tmp:
+            self.bank.save_pretrained(tmp / "bank")
+            for item in (tmp / "bank").iterdir():
+                item.rename(tmp / item.name)
+            (tmp / "bank").rmdir()
+            if self.fitted:
+                (tmp / "scalers").mkdir()
+            for s in self.fitted.values():
+                s.save(tmp / Scalers.filename(s.depth, s.width, s.num_heads))
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload WAVE template bank",
+                    private: bool | None = None, token: str | None = None, revision: str | None = None) -> str:
+        """Upload the bank and its fitted scalers in one commit (``create_repo`` + ``upload_folder``)."""
+        return push_folder(self.save_pretrained, repo_id, commit_message=commit_message, private=private,
+                           token=token, revision=revision)

@@ -1,0 +1,82 @@
+"""``TemplateBank``: the shared, size-agnostic weight templates and the auxiliary model's scalers."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from . import cards
+from .configuration_wave import WaveTemplateConfig
+from .io import atomic_dir, push_folder
+from .rule import assemble
+from .scalers import MATRIX_TYPES, Scalers
+
+
+def template_shapes(config: WaveTemplateConfig) -> dict[str, tuple[int, int, int]]:
+    """Full-layer templates at width ``D_T`` (docs/wave.md section 2): the scalers are then ``r x r``."""
+    n, a, m = config.num_templates, config.template_width, config.mlp_ratio
+    return {"qkv": (n, 3 * a, a), "o": (n, a, a), "fc1": (n, m * a, a), "fc2": (n, a, m * a)}
+
+
+class TemplateBank(PreTrainedModel):
+    """Matrix templates shared by every layer and every size, plus the auxiliary model's ``Scalers``.
+
+    ``TemplateBank(config)`` is a random bank (stage-1 start from scratch). ``save_pretrained`` writes
+    ``config.json``, ``model.safetensors`` and a model card; ``from_pretrained`` takes a folder or a repo id.
+    """
+
+    config_class = WaveTemplateConfig
+    base_model_prefix = "bank"
+    main_input_name = "pixel_values"
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: WaveTemplateConfig):
+        super().__init__(config)
+        self.templates = nn.ParameterDict(
+            {t: nn.Parameter(torch.empty(shape)) for t, shape in template_shapes(config).items()}
+        )
+        self.aux = Scalers(config, config.aux_depth, config.aux_width)
+        if self.templates["qkv"].device.type != "meta":  # from_pretrained builds on meta, then loads
+            self.reset_random()
+        self.post_init()
+
+    @torch.no_grad()
+    def reset_random(self, generator: torch.Generator | None = None) -> None:
+        """Stage-1 start from scratch: trunc-normal templates (std 0.02), orthogonal auxiliary scalers."""
+        for p in self.templates.values():
+            nn.init.trunc_normal_(p, std=0.02, generator=generator)
+        self.aux.reset_random(self.config, generator)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Nothing to do: ``__init__`` initializes, and ``from_pretrained`` rejects missing tensors."""
+
+    def forward(self, scalers: Scalers | None = None) -> dict[str, Tensor]:
+        """The encoder tensors of the model that ``scalers`` describe (the auxiliary model by default)."""
+        return assemble(self.config, self.templates, self.aux if scalers is None else scalers)
+
+    def check_finite(self) -> None:
+        for name, tensor in self.state_dict().items():
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"template bank tensor {name!r} contains NaN or Inf")
+
+    @property
+    def num_template_parameters(self) -> int:
+        return sum(self.templates[t].numel() for t in MATRIX_TYPES)
+
+    # --------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """transformers' save, written to a temp folder and renamed, plus a generated model card."""
+        kwargs.pop("push_to_hub", None)
+        with atomic_dir(save_directory) as tmp:
+            super().save_pretrained(tmp, **kwargs)
+            cards.bank_card(self).save(tmp / "README.md")
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload WAVE template bank",
+                    private: bool | None = None, token: str | None = None, revision: str | None = None) -> str:
+        """Upload ``save_pretrained``'s folder, card included, in one commit."""
+        return push_folder(self.save_pretrained, repo_id, commit_message=commit_message, private=private,
+                           token=token, revision=revision)
