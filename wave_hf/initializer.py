@@ -182,6 +182,17 @@ class WaveInitializer:
         trainable.load_state_dict(scalers.state_dict())
         return parametrize_vit(self.config, self.bank.templates, trainable, vit_config, seed=seed)
 
+    def fit_scalers(self, depth: int, width: int, train_dataset, **kwargs) -> Scalers:
+        """Fit new scalers for one size on a little data, templates frozen (stage 2; see ``wave_hf.fit``).
+
+        The result is also kept with the bank (``add_scalers``), so ``build`` and ``save_pretrained`` use it.
+        """
+        from .fit import fit_scalers
+
+        scalers = fit_scalers(self, depth, width, train_dataset, **kwargs)
+        self.add_scalers(scalers)
+        return scalers
+
     # -------------------------------------------------------------------------------------- saving
     def add_scalers(self, scalers: Scalers) -> None:
         """Keep fitted scalers with the bank: ``build`` uses them and ``save_pretrained`` writes them."""
