@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import ViTConfig, ViTForImageClassification
 
 from . import vit_layout
@@ -28,6 +29,13 @@ def _check_bank_folder(folder: Path, name: str) -> None:
             raise FileNotFoundError(f"{name!r} has no {required} (looked in {folder})")
         if path.stat().st_size == 0:
             raise OSError(f"{path} is empty (zero bytes): the bank was not written completely")
+    weights = folder / "model.safetensors"
+    try:
+        with safe_open(weights, "pt") as f:
+            for key in f.keys():  # touching every tensor catches a truncated file before transformers does
+                f.get_slice(key).get_shape()
+    except Exception as err:
+        raise OSError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from err
 
 
 class WaveInitializer:

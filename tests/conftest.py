@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny banks so the whole suite stays well under the CI budget on 2 cores."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+from wave_hf import TemplateBank, WaveInitializer, WaveTemplateConfig
+
+TINY = dict(template_width=16, num_templates=3, num_vector_templates=3, head_dim=16, aux_depth=3, aux_width=48)
+
+
+def tiny_config(**overrides) -> WaveTemplateConfig:
+    return WaveTemplateConfig(**{**TINY, **overrides})
+
+
+@pytest.fixture
+def tiny_bank() -> TemplateBank:
+    torch.manual_seed(0)
+    return TemplateBank(tiny_config())
+
+
+@pytest.fixture
+def tiny_init(tiny_bank: TemplateBank) -> WaveInitializer:
+    return WaveInitializer(tiny_bank)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
