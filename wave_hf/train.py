@@ -1,0 +1,80 @@
+"""Stage 3: fine-tune a built ViT with the stock transformers ``Trainer``, and evaluate it.
+
+Nothing here is a custom training loop: WAVE's output is a plain ``ViTForImageClassification``, so the
+usual Hugging Face recipe applies unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments, ViTForImageClassification
+
+from .data import collate_images
+
+
+def accuracy(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+@torch.no_grad()
+def evaluate(model: ViTForImageClassification, dataset: Dataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy on ``dataset`` (items with ``pixel_values`` and ``labels``)."""
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    model.eval()
+    correct = 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_images([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        correct += (model(batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).sum().item()
+    return correct / len(dataset)
+
+
+def finetune(
+    model: ViTForImageClassification,
+    train_dataset: Dataset,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    epochs: float = 1.0,
+    learning_rate: float = 5e-4,
+    batch_size: int = 64,
+    weight_decay: float = 0.05,
+    warmup_ratio: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> ViTForImageClassification:
+    """Train every weight of ``model`` with the transformers ``Trainer`` (AdamW, cosine schedule).
+
+    Returns the trained model (the same object). ``output_dir`` receives the Trainer's checkpoints; without
+    it they go to a temporary folder that is removed afterwards.
+    """
+    if len(train_dataset) == 0:
+        raise ValueError("train_dataset is empty: fine-tuning needs at least one labelled image")
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=os.fspath(output_dir or tmp),
+            num_train_epochs=epochs,
+            learning_rate=learning_rate,
+            per_device_train_batch_size=batch_size,
+            weight_decay=weight_decay,
+            warmup_ratio=warmup_ratio,
+            lr_scheduler_type="cosine",
+            seed=seed,
+            data_seed=seed,
+            remove_unused_columns=False,
+            save_strategy="no",
+            report_to=[],
+            logging_strategy="no",
+            disable_tqdm=not progress,
+            dataloader_num_workers=0,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collate_images)
+        trainer.train()
+    model.eval()
+    return model
