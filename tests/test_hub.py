@@ -9,13 +9,12 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from conftest import tiny_config
 from testing_common import assert_state_dicts_equal
 from transformers import AutoConfig, AutoModel
 
 from wave_hf import TemplateBank, WaveInitializer, WaveTemplateConfig
 from wave_hf.initializer import DEFAULT_BANK
-
-from conftest import tiny_config
 
 
 @pytest.fixture
