@@ -1,0 +1,135 @@
+"""Merging N ViTs trained from different inits on different tasks into one ViT (FS-Merge + baselines).
+
+One file per method, one registry (as in mergekit)::
+
+    from wave_hf.merge import merge
+    merged = merge([vit_a, vit_b], ["fashion", "digits"], method="fs_merge", train_datasets=[ds_a, ds_b])
+    merged.for_task("digits")            # a stock ViTForImageClassification
+    merged.save_pretrained("out/")       # out/<task>/ loads with plain transformers
+
+Registered methods: ``fs_merge``, ``average``, ``permute``, ``regmean``, ``kd``, ``ensemble``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+from torch import nn
+
+from .common import MergeData, augment, check_images, images_of, model_source, validate_models
+from .merged import EnsembleViT, MergedViT
+
+MERGE_METHODS: dict[str, type[MergeMethod]] = {}
+
+
+def register_merge_method(name: str):
+    """Class decorator: ``@register_merge_method("fs_merge")`` adds the class to ``MERGE_METHODS``."""
+
+    def deco(cls):
+        if name in MERGE_METHODS and MERGE_METHODS[name] is not cls:
+            raise ValueError(f"merge method {name!r} is already registered by {MERGE_METHODS[name].__name__}")
+        MERGE_METHODS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+class MergeMethod:
+    """Base class. Subclasses are dataclasses whose fields are the method's options (the config schema)."""
+
+    name: str = "?"
+    needs_data: bool = True  # needs merge images
+    uses_augmented: bool = True  # also gets the offline augmented copies
+    single_model: bool = True
+
+    def run(self, models: Sequence[nn.Module], tasks: Sequence[str], data: MergeData | None):
+        raise NotImplementedError
+
+    def options(self) -> dict:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+def get_method(method: str, **kwargs) -> MergeMethod:
+    if method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method {method!r}; registered methods: {sorted(MERGE_METHODS)}")
+    cls = MERGE_METHODS[method]
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"merge method {method!r} got unknown options {unknown}; it accepts {sorted(names)}")
+    return cls(**kwargs)
+
+
+def prepare_data(models, tasks, train_datasets, *, images_per_task: int, augment_copies: int, seed: int,
+                 uses_augmented: bool = True) -> MergeData:
+    """Take ``images_per_task`` images of each task's dataset and make the augmented copies once."""
+    if train_datasets is None:
+        raise ValueError("this merge method needs merge images: pass train_datasets=[one dataset per task]")
+    if isinstance(train_datasets, (str, bytes)) or len(train_datasets) != len(tasks):
+        n = 1 if isinstance(train_datasets, (str, bytes)) else len(train_datasets)
+        raise ValueError(f"got {len(tasks)} tasks but {n} datasets; give one dataset per task")
+    if not isinstance(images_per_task, int) or images_per_task < 1:
+        raise ValueError(f"images_per_task must be an integer >= 1, got {images_per_task!r}")
+    if not isinstance(augment_copies, int) or augment_copies < 0:
+        raise ValueError(f"augment_copies must be an integer >= 0, got {augment_copies!r}")
+    originals = [images_of(ds, images_per_task, seed=seed + i, task=t)
+                 for i, (ds, t) in enumerate(zip(train_datasets, tasks))]
+    check_images(originals, tasks, models[0].config)
+    aug = [augment(x, augment_copies if uses_augmented else 0, seed=seed + 1000 + i) for i, x in enumerate(originals)]
+    return MergeData(originals=originals, augmented=aug)
+
+
+def merge(models: Sequence[nn.Module], tasks: Sequence[str], method: str = "fs_merge", train_datasets=None,
+          images_per_task: int = 100, *, augment_copies: int = 8, seed: int = 0, **kwargs):
+    """Merge N ``ViTForImageClassification`` (one per task) with a registered method.
+
+    Args:
+        models: N >= 2 source models of one architecture (different inits are fine).
+        tasks: one task name per model (used as folder names when saving).
+        method: a name in ``MERGE_METHODS``.
+        train_datasets: one dataset per task (tensor (n, C, H, W), ``datasets.Dataset`` or list of
+            ``{"pixel_values": ...}`` items); needed by every method except ``average`` and ``ensemble``.
+        images_per_task: original images taken per task (the paper: 100; low-data setting: 16).
+        augment_copies: shifted copies of each original made once, offline (training methods only).
+        seed: seed of the image subset, the augmentations, the init and the training order.
+        **kwargs: options of the method (see its dataclass fields, e.g. ``rank``, ``epochs``, ``lr``).
+
+    Returns:
+        ``MergedViT`` (one encoder + one head per task), or ``EnsembleViT`` for ``method="ensemble"``.
+    """
+    impl = get_method(method, **({"seed": seed} if _has_field(method, "seed") else {}), **kwargs)
+    validate_models(models, tasks)
+    data = None
+    if impl.needs_data:
+        data = prepare_data(models, tasks, train_datasets, images_per_task=images_per_task,
+                            augment_copies=augment_copies, seed=seed, uses_augmented=impl.uses_augmented)
+    start = time.perf_counter()
+    result = impl.run(list(models), list(tasks), data)
+    result.method = method
+    result.sources = [model_source(m) for m in models]
+    result.metadata = {
+        **result.metadata,
+        "method": method,
+        "options": impl.options(),
+        "images_per_task": images_per_task if impl.needs_data else 0,
+        "augment_copies": augment_copies if (impl.needs_data and impl.uses_augmented) else 0,
+        "seed": seed,
+        "wall_time_s": round(time.perf_counter() - start, 3),
+    }
+    result.metadata.setdefault("trainable_parameters", 0)
+    return result
+
+
+def _has_field(method: str, name: str) -> bool:
+    cls = MERGE_METHODS.get(method)
+    return cls is not None and dataclasses.is_dataclass(cls) and name in {f.name for f in dataclasses.fields(cls)}
+
+
+# Register the methods (each file ends with its @register_merge_method).
+from . import average, ensemble, fs_merge, kd, permute, regmean  # noqa: E402,F401
+
+__all__ = ["MERGE_METHODS", "EnsembleViT", "MergeMethod", "MergedViT", "get_method", "merge",
+           "register_merge_method"]

@@ -1,0 +1,169 @@
+"""The task-routed feature-reconstruction loop shared by FS-Merge and KD (an ``accelerate`` loop).
+
+Loss: MSE (mean over elements) between the trained module's feature for each image's own task and the
+frozen original model's final pre-head feature on that image (targets precomputed once). AdamW +
+OneCycleLR (pct_start 0.3, linear anneal, div_factor 25, final_div_factor 1e4). The batch order depends
+only on ``(seed, epoch)``, so a run resumed from a checkpoint (``Accelerator.save_state/load_state``
+under ``output_dir/checkpoints/step_XXXXXXXX``) ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from huggingface_hub.utils import tqdm
+from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+CKPT_DIR = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of the reconstruction loop (defaults from the FS-Merge paper/code)."""
+
+    epochs: int = 20
+    steps: int | None = None  # overrides epochs when set
+    batch_size: int = 64
+    lr: float = 1e-4
+    lr_diag: float = 1e-3  # parameters whose name ends in "diag" (the diagonal of every M/U)
+    weight_decay: float = 1e-3
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    seed: int = 0
+    output_dir: str | None = None  # checkpoints go to output_dir/checkpoints; None: no checkpoints
+    save_every: int = 0  # 0: only at the end (and when stopped early)
+    resume: bool = True  # resume from the newest checkpoint in output_dir
+    stop_after: int | None = None  # stop (with a checkpoint) after this global step; for interruption tests
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be an integer >= 1 or None, got {self.steps!r}")
+        for name in ("lr", "lr_diag"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not (0 < self.pct_start < 1):
+            raise ValueError(f"pct_start must be in (0, 1), got {self.pct_start}")
+
+
+class _Counter:
+    """Global step, saved with the accelerate state."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    steps_done: int = 0
+    total_steps: int = 0
+    resumed_from: int = 0
+    stopped_early: bool = False
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    root = output_dir / CKPT_DIR
+    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+
+
+def reconstruction_loss(module: nn.Module, images: torch.Tensor, task_ids: torch.Tensor, targets: torch.Tensor,
+                        batch_size: int = 256) -> float:
+    """Mean task-routed MSE over a whole set (no grad)."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            out = module(images[i : i + batch_size], task_ids[i : i + batch_size])
+            total += nn.functional.mse_loss(out, targets[i : i + batch_size], reduction="sum").item()
+            n += out.numel()
+    return total / max(n, 1)
+
+
+def train_reconstruction(module: nn.Module, images: torch.Tensor, task_ids: torch.Tensor, targets: torch.Tensor,
+                         cfg: TrainConfig) -> TrainResult:
+    """Train ``module(pixel_values, task_ids) -> (B, d)`` to match ``targets`` (in place)."""
+    set_seed(cfg.seed)
+    n = len(images)
+    spe = math.ceil(n / cfg.batch_size)
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * spe
+    params = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the module has no trainable parameters")
+    diag = [p for k, p in params if k.endswith("diag")]
+    rest = [p for k, p in params if not k.endswith("diag")]
+    groups = [g for g in ({"params": rest, "lr": cfg.lr}, {"params": diag, "lr": cfg.lr_diag}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=cfg.pct_start,
+        anneal_strategy="linear", div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
+    accelerator = Accelerator()
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    counter = _Counter()
+    accelerator.register_for_checkpointing(counter)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    result = TrainResult(total_steps=total)
+    if out_dir is not None and cfg.resume and _checkpoints(out_dir):
+        last = _checkpoints(out_dir)[-1]
+        accelerator.load_state(str(last))
+        result.resumed_from = counter.step
+        logger.info(f"resumed from {last} at step {counter.step}/{total}")
+
+    def save():
+        if out_dir is None:
+            return
+        accelerator.save_state(str(out_dir / CKPT_DIR / f"step_{counter.step:08d}"))
+        for old in _checkpoints(out_dir)[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    device = accelerator.device
+    module.train()
+    bar = tqdm(total=total, initial=counter.step, desc="merge", disable=not cfg.progress
+               or not accelerator.is_local_main_process)
+    while counter.step < total:
+        step = counter.step
+        epoch, k = divmod(step, spe)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        idx = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+        x, t, y = images[idx].to(device), task_ids[idx].to(device), targets[idx].to(device)
+        loss = nn.functional.mse_loss(module(x, t), y)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        counter.step += 1
+        result.losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.losses[-1]:.4g}")
+        if cfg.save_every and counter.step % cfg.save_every == 0 and counter.step < total:
+            save()
+        if cfg.stop_after is not None and counter.step >= cfg.stop_after and counter.step < total:
+            result.stopped_early = True
+            break
+    bar.close()
+    save()
+    result.steps_done = counter.step
+    module.eval()
+    accelerator.free_memory()
+    return result
