@@ -166,7 +166,7 @@ class WaveInitializer:
         model = vit_layout.empty_classifier(vit_config)
         head_init_(model, seed)
         state.update({k: v.detach() for k, v in model.classifier.state_dict(prefix="classifier.").items()})
-        model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+        model.load_state_dict(state, strict=True, assign=True)
         model.eval()
         return model
 
