@@ -165,5 +165,4 @@ def train_reconstruction(module: nn.Module, images: torch.Tensor, task_ids: torc
     save()
     result.steps_done = counter.step
     module.eval()
-    accelerator.free_memory()
     return result
