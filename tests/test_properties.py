@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
+from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import ViTConfig, ViTForImageClassification
 
 from wave_hf import TemplateBank, WaveInitializer, fold
-
-from conftest import tiny_config
 
 
 @st.composite
