@@ -80,6 +80,33 @@ def encoder_keys(depth: int) -> list[str]:
     return keys
 
 
+def layer_tensor_names() -> list[str]:
+    """Short names of every per-layer tensor (matrices first, then vectors), in a fixed order."""
+    return list(LAYER_MATRICES) + list(LAYER_VECTORS)
+
+
+def with_size(shape: ViTShape, depth: int, width: int, num_heads: int | None = None) -> ViTShape:
+    """The same geometry (patch, image, channels, MLP ratio) at another depth/width/head count.
+
+    The default head count keeps ``shape``'s head size, so that a model derived from a teacher has the
+    teacher's head_dim. Raises when the size cannot be a ViT (heads not dividing the width).
+    """
+    for name, value in (("depth", depth), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if num_heads is None:
+        if width % shape.head_dim:
+            raise ValueError(
+                f"width={width} is not a multiple of head_dim={shape.head_dim}; pass num_heads dividing {width}"
+            )
+        num_heads = width // shape.head_dim
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or width % num_heads:
+        divisors = [h for h in range(1, min(width, 64) + 1) if width % h == 0]
+        raise ValueError(f"num_heads={num_heads!r} does not divide width={width}; accepted: {divisors}")
+    return ViTShape(depth, width, num_heads, shape.mlp_ratio, shape.image_size, shape.patch_size,
+                    shape.num_channels)
+
+
 def classifier_keys() -> list[str]:
     return [f"{CLASSIFIER}.weight", f"{CLASSIFIER}.bias"]
 

@@ -1,0 +1,31 @@
+"""Initialization baselines for the WAVE benchmark, behind one registry and one factory call.
+
+    from wave_hf.baselines import init_model, INIT_METHODS
+    vit = init_model("weight_selection", depth=6, width=128, teacher=teacher)
+
+Every method returns a stock ``ViTForImageClassification`` (it saves and loads with plain transformers).
+``INIT_METHODS`` lists them in the order the benchmark reports them.
+"""
+
+from . import random_init, tleg, wave, weight_selection, weight_selection_matched  # noqa: F401  (registration)
+from .registry import INIT_METHODS, InitMethod, init_model, register_init_method
+from .tleg import linear_fit
+from .weight_selection import select_tensor, uniform_indices
+
+#: The order of the benchmark's tables: baselines first, WAVE last.
+REPORT_ORDER = ("random", "weight_selection", "weight_selection_matched", "tleg", "wave_default", "wave_fitted")
+_ordered = {name: INIT_METHODS[name] for name in REPORT_ORDER if name in INIT_METHODS}
+_ordered.update(INIT_METHODS)
+INIT_METHODS.clear()
+INIT_METHODS.update(_ordered)
+
+__all__ = [
+    "REPORT_ORDER",
+    "INIT_METHODS",
+    "InitMethod",
+    "init_model",
+    "linear_fit",
+    "register_init_method",
+    "select_tensor",
+    "uniform_indices",
+]

@@ -1,0 +1,86 @@
+"""What the baselines share: the target ``ViTConfig``, loading a teacher, and assembling a stock model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import ViTConfig, ViTForImageClassification
+
+from .. import vit_layout
+from ..fold import head_init_
+
+
+def load_teacher(teacher: ViTForImageClassification | str | os.PathLike) -> ViTForImageClassification:
+    """A teacher given as a model is used as is; a folder or repo id is loaded with plain transformers."""
+    if isinstance(teacher, ViTForImageClassification):
+        return teacher
+    if isinstance(teacher, (str, os.PathLike)):
+        model = ViTForImageClassification.from_pretrained(os.fspath(teacher))
+        model.eval()
+        return model
+    raise TypeError(f"teacher must be a ViTForImageClassification or a path, got {type(teacher).__name__}")
+
+
+def config_like(
+    source: ViTConfig,
+    depth: int,
+    width: int,
+    num_heads: int | None = None,
+    num_labels: int = 10,
+    id2label: dict[int, str] | None = None,
+) -> ViTConfig:
+    """A stock config with ``source``'s geometry, norm eps and activation at a new size.
+
+    The default head count keeps the source's head size (a 192-wide, 3-head teacher gives 64-wide heads).
+    """
+    shape = vit_layout.with_size(vit_layout.shape_of(source), depth, width, num_heads)
+    return vit_layout.make_vit_config(
+        shape, layer_norm_eps=source.layer_norm_eps, qkv_bias=source.qkv_bias, hidden_act=source.hidden_act,
+        num_labels=num_labels, id2label=id2label,
+    )
+
+
+def target_config(
+    depth: int,
+    width: int,
+    *,
+    num_heads: int | None,
+    num_labels: int,
+    id2label: dict[int, str] | None,
+    teacher: Any = None,
+    initializer: Any = None,
+) -> ViTConfig:
+    """The target's config from the bank if there is one (so every method builds the same architecture as
+    WAVE), else from the teacher."""
+    if initializer is not None:
+        return initializer.vit_config(depth, width, num_heads, num_labels, id2label)
+    if teacher is not None:
+        return config_like(load_teacher(teacher).config, depth, width, num_heads, num_labels, id2label)
+    raise ValueError("need a teacher= or an initializer= to know the input geometry of the target ViT")
+
+
+@torch.no_grad()
+def model_from_encoder(config: ViTConfig, encoder_state: Mapping[str, Tensor], seed: int) -> ViTForImageClassification:
+    """A stock model whose encoder is ``encoder_state`` and whose classifier is new (seeded).
+
+    Built on the meta device and filled with ``assign=True`` (as ``WaveInitializer.build`` does): no random
+    init is computed and thrown away, and ``strict=True`` catches a missing or extra key.
+    """
+    model = vit_layout.empty_classifier(config)
+    head_init_(model, seed)
+    state = {k: v.detach().clone().contiguous() for k, v in encoder_state.items()}
+    state.update({k: v.detach() for k, v in model.classifier.state_dict(prefix=f"{vit_layout.CLASSIFIER}.").items()})
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    return model
+
+
+def reject_unknown(method: str, kw: Mapping[str, Any], accepted: tuple[str, ...] = ()) -> None:
+    """Unknown keyword options are an error (a typo must not silently fall back to a default)."""
+    unknown = sorted(set(kw) - set(accepted))
+    if unknown:
+        raise TypeError(f"init method {method!r} got unknown options {unknown}; accepted: {sorted(accepted)}")

@@ -1,0 +1,88 @@
+"""The registry of initialization methods and the one factory call, ``init_model``.
+
+Every method is one file with one ``@register_init_method(name, needs=...)`` function (the peft/timm
+pattern): the benchmark and the tests iterate over ``INIT_METHODS`` instead of naming methods, so a new
+baseline is one new file plus one import in ``__init__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import ViTForImageClassification
+
+InitFn = Callable[..., ViTForImageClassification]
+
+#: What a method may need besides the size: checked by ``init_model`` before the method runs, so a missing
+#: input fails with one line naming the method and the argument, not deep inside the method.
+NEEDS = ("teacher", "initializer", "train_dataset")
+
+
+@dataclass(frozen=True)
+class InitMethod:
+    """One registered method: its function, the inputs it needs, and a one-line description."""
+
+    name: str
+    fn: InitFn
+    needs: tuple[str, ...]
+    description: str
+
+
+INIT_METHODS: dict[str, InitMethod] = {}
+
+
+def register_init_method(name: str, *, needs: tuple[str, ...] = (), description: str = "") -> Callable[[InitFn], InitFn]:
+    """Decorator: register ``fn(depth, width, *, num_heads, num_labels, teacher, initializer, train_dataset,
+    seed, **kw)`` under ``name``."""
+    bad = [n for n in needs if n not in NEEDS]
+    if bad:
+        raise ValueError(f"init method {name!r}: unknown needs {bad}; accepted: {list(NEEDS)}")
+
+    def deco(fn: InitFn) -> InitFn:
+        if name in INIT_METHODS:
+            raise ValueError(f"init method {name!r} is already registered")
+        doc = description or (fn.__doc__ or "").strip().splitlines()[0]
+        INIT_METHODS[name] = InitMethod(name, fn, tuple(needs), doc)
+        return fn
+
+    return deco
+
+
+def init_model(
+    method: str,
+    depth: int,
+    width: int,
+    *,
+    num_heads: int | None = None,
+    num_labels: int = 10,
+    teacher: ViTForImageClassification | str | None = None,
+    initializer: Any = None,
+    train_dataset: Any = None,
+    seed: int = 0,
+    **kw: Any,
+) -> ViTForImageClassification:
+    """A stock ``ViTForImageClassification`` of ``depth`` x ``width`` initialized by ``method``.
+
+    Args:
+        method: a key of ``INIT_METHODS`` (``random``, ``weight_selection``, ``weight_selection_matched``,
+            ``tleg``, ``wave_default``, ``wave_fitted``).
+        teacher: the ancestry ViT (a model or a folder); Weight Selection copies from it, and the fitting
+            methods distil from it unless ``distill=False``.
+        initializer: a ``WaveInitializer`` (the template bank) for ``tleg`` and the WAVE methods.
+        train_dataset: images for the methods that fit on data (``wave_fitted``, ``weight_selection_matched``).
+        seed: fixes every random choice (head, new scaler entries, data order); same seed, same bits.
+        **kw: method options (e.g. ``id2label``, ``steps``, ``max_images``); unknown ones raise in the method.
+    """
+    if method not in INIT_METHODS:
+        raise ValueError(f"unknown init method {method!r}; registered methods: {sorted(INIT_METHODS)}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    entry = INIT_METHODS[method]
+    given = {"teacher": teacher, "initializer": initializer, "train_dataset": train_dataset}
+    missing = [n for n in entry.needs if given[n] is None]
+    if missing:
+        raise ValueError(f"init method {method!r} needs {', '.join(f'{n}=' for n in missing)} (got None)")
+    return entry.fn(depth, width, num_heads=num_heads, num_labels=num_labels, teacher=teacher,
+                    initializer=initializer, train_dataset=train_dataset, seed=seed, **kw)
