@@ -34,7 +34,7 @@ def train_source(seed: int, x, y, steps: int) -> ViTForImageClassification:
                     image_size=28, patch_size=7, num_channels=1, num_labels=4)
     model = ViTForImageClassification(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for step in range(steps):
+    for _step in range(steps):
         idx = torch.randint(0, len(x), (64,))
         loss = model(pixel_values=x[idx], labels=y[idx]).loss
         loss.backward()
