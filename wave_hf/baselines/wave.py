@@ -2,16 +2,15 @@
 
 ``wave_default`` builds with the default (unfitted) scalers, always: ``WaveInitializer.build`` would use
 scalers fitted earlier for the same size, and a benchmark that fits first must not turn the "default" row
-into a fitted one. ``wave_fitted`` calls ``wave_hf.fit.fit_scalers`` (the function behind
-``WaveInitializer.fit_scalers``) directly, so the initializer's own store of fitted scalers is left alone:
-two calls with the same seed start from the same scalers and give the same bits.
+into a fitted one. ``wave_fitted`` calls ``wave_hf.fit`` directly, not ``WaveInitializer.fit_scalers``, so the
+initializer's own store of fitted scalers is left alone: two calls with the same seed start from the same
+scalers and give the same bits.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import ViTForImageClassification
 
 from ..scalers import Scalers
@@ -47,7 +46,7 @@ def wave_default(
 
 
 @register_init_method("wave_fitted", needs=("initializer", "train_dataset"),
-                      description="WAVE with scalers fitted on little data (templates frozen), then build")
+                      description="WAVE with scalers fitted on little data (templates frozen), folded with the fitted head")
 def wave_fitted(
     depth: int,
     width: int,
@@ -60,18 +59,14 @@ def wave_fitted(
     seed: int = 0,
     **kw: Any,
 ) -> ViTForImageClassification:
-    """``distill=False`` fits with CE only (transfer to a task the teacher does not know); every other
-    option goes to ``fit_scalers`` (``steps``, ``max_images``, ``train_vectors``, ...)."""
-    from ..fit import fit_scalers
+    """``wave_hf.fit.fit_model``: the same encoder as ``build(..., scalers=fit_scalers(...))`` (build is
+    parametrize + fold, bit for bit) but it keeps the head trained with the scalers, as
+    ``weight_selection_matched`` keeps its head; otherwise the fitted start would be judged with a random
+    head. ``distill=False`` fits with CE only (transfer to a task the teacher does not know); every other
+    option goes to the fit (``steps``, ``max_images``, ``train_vectors``, ...)."""
+    from ..fit import fit_model
 
-    id2label = kw.pop("id2label", None)
     distill = kw.pop("distill", True)
-    scalers = fit_scalers(initializer, depth, width, train_dataset, num_heads=num_heads, num_labels=num_labels,
-                          teacher=teacher if distill else None, seed=seed, **kw)
-    model = initializer.build(depth, width, num_heads, num_labels=num_labels, id2label=id2label, scalers=scalers,
-                              seed=seed)
-    head = getattr(scalers, "classifier", None)
-    if head is not None:  # a fit that trains a head with the scalers: keep it, the start is then usable as is
-        with torch.no_grad():
-            model.classifier.load_state_dict(head.state_dict() if hasattr(head, "state_dict") else head)
-    return model
+    kw.setdefault("progress", False)
+    return fit_model(initializer, depth, width, train_dataset, num_heads=num_heads, num_labels=num_labels,
+                     teacher=teacher if distill else None, seed=seed, **kw)

@@ -2,12 +2,13 @@
 
 WAVE's fitted models see extra images before fine-tuning (the scaler fit). docs/wave.md section 8 found
 that this pass, not the templates, explained much of WAVE's lead over plain Weight Selection, so the fair
-baseline gets the same pass: the same images (``training.seeded_subset``), the same number of steps and
-batches (``training.run_loop``: AdamW, cosine, the same seeded batch stream), the same loss
-(``distill.distillation_loss``: KD from the teacher plus CE), with every weight trainable.
+baseline gets the same pass: the same images (``training.seeded_subset`` with the same seed), the same
+steps and batches (``training.run_loop``: AdamW without weight decay, cosine, the same seeded batch
+stream), the same loss (``CE + kd_weight * KL(p_teacher || p_model) * T^2``, as ``wave_hf.fit``), with
+every weight trainable instead of the scalers.
 
-The hyper-parameters default to ``wave_hf.fit.fit_scalers``'s own defaults, read from its signature, so
-that the two cannot drift apart; the constants below are used only while ``wave_hf.fit`` is missing.
+The budget defaults are ``wave_hf.fit.fit_scalers``'s own, read from its signature, so the two cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -20,28 +21,28 @@ from torch import Tensor, nn
 from transformers import ViTForImageClassification
 
 from ..distill import distillation_loss
-from ..training import LoopSettings, check_dataset, run_loop, seeded_subset
+from ..fit import fit_scalers
+from ..training import (
+    LoopSettings,
+    check_dataset,
+    check_labels,
+    dataset_labels,
+    forward_output,
+    run_loop,
+    seeded_subset,
+)
 from .common import load_teacher, reject_unknown
 from .registry import register_init_method
 from .weight_selection import weight_selection
 
-#: Fallback fitting budget (docs/wave.md section 5 item 7, issue 5): used only if ``wave_hf.fit`` is absent.
-FALLBACK_FIT = {"max_images": 1000, "steps": 300, "batch_size": 64, "lr": 1e-3, "alpha": 0.5, "temperature": 1.0,
-                "warmup_steps": 0}
-FIT_KEYS = tuple(FALLBACK_FIT)
+#: The budget and loss options shared with ``fit_scalers``.
+FIT_KEYS = ("max_images", "steps", "batch_size", "lr", "kd_weight", "temperature", "warmup_ratio")
 
 
 def fit_defaults() -> dict[str, Any]:
-    """``fit_scalers``' defaults for the budget keys it has, the fallback for the others."""
-    out = dict(FALLBACK_FIT)
-    try:
-        from ..fit import fit_scalers
-    except ImportError:
-        return out
-    for name, p in inspect.signature(fit_scalers).parameters.items():
-        if name in out and p.default is not inspect.Parameter.empty and p.default is not None:
-            out[name] = p.default
-    return out
+    """``fit_scalers``' defaults for ``FIT_KEYS``."""
+    params = inspect.signature(fit_scalers).parameters
+    return {k: params[k].default for k in FIT_KEYS}
 
 
 def train_all_weights(
@@ -57,29 +58,33 @@ def train_all_weights(
     unknown = sorted(set(budget) - set(FIT_KEYS))
     if unknown:
         raise TypeError(f"unknown fitting options {unknown}; accepted: {sorted(FIT_KEYS)}")
-    b = {**fit_defaults(), **{k: v for k, v in budget.items() if v is not None}}
+    b = {**fit_defaults(), **budget}
     check_dataset(train_dataset)
-    subset = seeded_subset(train_dataset, b["max_images"], seed)
+    data = seeded_subset(train_dataset, b["max_images"], seed)
+    check_labels(dataset_labels(data), model.config.num_labels)
+    kd_weight, temperature = float(b["kd_weight"]), float(b["temperature"])
     if teacher is not None:
-        teacher.eval()
+        teacher.eval().requires_grad_(False)
         if teacher.config.num_labels != model.config.num_labels:
             raise ValueError(f"the teacher predicts {teacher.config.num_labels} labels, the model "
                              f"{model.config.num_labels}: distillation needs the same label space (distill=False)")
 
     def loss_fn(m: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        logits = m(pixel_values=batch["pixel_values"]).logits
-        if teacher is None:
-            return nn.functional.cross_entropy(logits, batch["labels"])
+        x, y = batch["pixel_values"], batch["labels"]
+        logits = m(pixel_values=x).logits
+        ce = nn.functional.cross_entropy(logits, y)
+        if teacher is None or kd_weight == 0:
+            return ce
         with torch.no_grad():
-            target = teacher(pixel_values=batch["pixel_values"]).logits
-        return distillation_loss(logits, target, batch["labels"], temperature=b["temperature"], alpha=b["alpha"])
+            target = forward_output(teacher, x)
+        return ce + kd_weight * distillation_loss(logits, target, None, temperature=temperature, alpha=1.0)
 
-    for p in model.parameters():
-        p.requires_grad_(True)
-    settings = LoopSettings(steps=b["steps"], batch_size=b["batch_size"], warmup_steps=b["warmup_steps"],
-                            seed=seed, progress=progress, desc="weight selection (matched)")
+    model.requires_grad_(True)
+    settings = LoopSettings(steps=b["steps"], batch_size=b["batch_size"],
+                            warmup_steps=int(b["warmup_ratio"] * b["steps"]), seed=seed, progress=progress,
+                            desc="weight selection (matched)")
     groups = [{"params": list(model.parameters()), "weight_decay": 0.0}]
-    model, _ = run_loop(model, groups, subset, loss_fn, settings, lr=float(b["lr"]))
+    model, _ = run_loop(model, groups, data, loss_fn, settings, lr=float(b["lr"]))
     model.eval()
     return model
 
@@ -99,8 +104,8 @@ def weight_selection_matched(
     **kw: Any,
 ) -> ViTForImageClassification:
     """``distill=False`` drops the KD term (CE only): for transfer to a task the teacher does not know, where
-    WAVE's fit must be run the same way. Budget keys (``steps``, ``max_images``, ``batch_size``, ``lr``,
-    ``alpha``, ``temperature``, ``warmup_steps``) override the shared defaults for both methods alike."""
+    WAVE's fit must be run the same way. ``FIT_KEYS`` options override ``fit_scalers``' defaults; pass the
+    same ones to ``wave_fitted``."""
     id2label = kw.pop("id2label", None)
     distill = kw.pop("distill", True)
     progress = kw.pop("progress", False)
