@@ -36,10 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cache_dir  # noqa: E402
 from train_ancestry import ancestry_path  # noqa: E402
 
-from wave_hf import WaveInitializer  # noqa: E402
-from wave_hf import vit_layout  # noqa: E402
+from wave_hf import WaveInitializer, vit_layout  # noqa: E402
 from wave_hf.data import load_image_dataset  # noqa: E402
-from wave_hf.distill import accuracy, aux_model, config_from_teacher, distill, init_from_teacher, load_teacher  # noqa: E402
+from wave_hf.distill import (  # noqa: E402
+    accuracy,
+    aux_model,
+    config_from_teacher,
+    distill,
+    init_from_teacher,
+    load_teacher,
+)
 from wave_hf.fit import fit_model  # noqa: E402
 from wave_hf.training import StreamBatchSampler, collate, seeded_subset  # noqa: E402
 
