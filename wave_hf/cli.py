@@ -115,12 +115,16 @@ def cmd_train(args) -> dict:
 
 
 def cmd_distill(args) -> dict:
+    from transformers import AutoConfig
+
     from .data import load_image_dataset
     from .distill import distill
 
-    data = load_image_dataset(args.data, seed=args.seed)
+    teacher_cfg = AutoConfig.from_pretrained(args.teacher)
+    data = load_image_dataset(args.data, image_size=teacher_cfg.image_size, num_channels=teacher_cfg.num_channels,
+                              seed=args.seed)
     bank = distill(args.teacher, data["train"], steps=args.steps, seed=args.seed, init=args.init,
-                   output_dir=args.checkpoint_dir)
+                   eval_dataset=data["test"], dataset_name=args.data, output_dir=args.checkpoint_dir)
     bank.save_pretrained(args.out)
     return {"out": args.out, "metrics": bank.config.metrics}
 

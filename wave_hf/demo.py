@@ -14,6 +14,7 @@ import torch
 from transformers import ViTForImageClassification
 
 from .data import load_image_dataset
+from .fit import fit_model
 from .initializer import WaveInitializer
 from .io import atomic_dir
 from .train import evaluate, finetune
@@ -39,8 +40,9 @@ def run_demo(out: str = "outputs/demo", quick: bool = False, seed: int = 0, bank
     rows = []
     for depth, width in sizes:
         t0 = time.perf_counter()
-        scalers = init.fit_scalers(depth, width, data["train"], steps=fit_steps, seed=seed)
-        wave = init.build(depth, width, id2label=id2label, scalers=scalers, seed=seed)
+        # Stage 2 keeps its fitted head: the fine-tune starts from a working classifier.
+        wave = fit_model(init, depth, width, data["train"], id2label=id2label, steps=fit_steps, seed=seed,
+                         progress=False)
         wave_start = evaluate(wave, data["test"])
         finetune(wave, data["train"], seed=seed, progress=False)
         wave_acc = evaluate(wave, data["test"])
