@@ -225,6 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[16, 100])
     p.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(MERGE_METHODS))
     p.add_argument("--epochs", type=int, default=None, help="FS-Merge / KD epochs (default 15, quick 3)")
+    p.add_argument("--lr", type=float, default=1e-4, help="FS-Merge lr (low-rank, LNs); diagonals get 10x")
+    p.add_argument("--kd-lr", type=float, default=1e-4, help="KD lr (all weights)")
     p.add_argument("--rank", type=int, default=4, help="FS-Merge rank for width 64 (hidden maps 4r)")
     p.add_argument("--source-steps", type=int, default=None, help="Trainer steps per source model")
     p.add_argument("--test-limit", type=int, default=None)
@@ -265,7 +267,9 @@ def main(argv=None) -> int:
                 if method in ("fs_merge", "kd"):
                     kw = dict(epochs=epochs, progress=False)
                 if method == "fs_merge":
-                    kw["rank"] = args.rank
+                    kw.update(rank=args.rank, lr=args.lr, lr_diag=10 * args.lr)
+                if method == "kd":
+                    kw["lr"] = args.kd_lr
                 t = time.perf_counter()
                 res = merge(sources[:n], tasks, method, train_datasets=trains[:n], images_per_task=k,
                             augment_copies=math.ceil(AUG_PER_TASK / k), seed=0, **kw)
@@ -281,7 +285,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"quick": quick, "arch": ARCH, "epochs": epochs, "rank": args.rank, "source_steps": source_steps,
+    meta = {"quick": quick, "arch": ARCH, "epochs": epochs, "rank": args.rank, "lr": args.lr, "kd_lr": args.kd_lr, "source_steps": source_steps,
             "test_limit": test_limit, "aug_per_task": AUG_PER_TASK, "tasks": TASKS[:n_tasks],
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "total_wall_s": time.perf_counter() - t0}
