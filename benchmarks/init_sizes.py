@@ -355,7 +355,7 @@ def speed_section(teacher_dir: str, bank: str, sizes: list[tuple[int, int]], qui
     init = _initializer()
     repeats = 3 if quick else 7
     out: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
-    speed_sizes = [max(sizes, key=lambda s: s[0] * s[1] ** 2), (12, 192)]
+    speed_sizes = [min(sizes, key=lambda s: s[0] * s[1] ** 2), (12, 192), max(sizes, key=lambda s: s[0] * s[1] ** 2)]
     builds = []
     for depth, width in dict.fromkeys(speed_sizes):
         with tempfile.TemporaryDirectory() as tmp:
@@ -426,12 +426,15 @@ init = WaveInitializer.from_pretrained(sys.argv[1])
 sizes = json.loads(sys.argv[2])
 def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-rows = [{"after": "load bank", "peak_rss_mb": peak_mb()}]
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+rows = [{"after": "load bank", "peak_rss_mb": peak_mb(), "rss_mb": rss_mb()}]
 for d, w in sizes:
     model = init.build(d, w)
     n = sum(p.numel() for p in model.parameters())
     del model
-    rows.append({"after": f"build {d}x{w}", "params": n, "peak_rss_mb": peak_mb()})
+    rows.append({"after": f"build {d}x{w}", "params": n, "peak_rss_mb": peak_mb(), "rss_mb": rss_mb()})
 print(json.dumps(rows))
 """
 
@@ -634,8 +637,9 @@ def write_main(result: dict[str, Any], stem: str) -> None:
                      f"{r['peak_after_first_pass_mb']:.0f} MB after the first pass, "
                      f"{r['peak_after_second_pass_mb']:.0f} MB after the second (+{r['growth_second_pass_mb']:.0f} MB)"
                      " | flat |")
-        lines += ["", "Peak RSS after each build: " + ", ".join(
-            f"{x['after']} {x['peak_rss_mb']:.0f} MB" for x in r["steps"][: len(result['budget']['sizes']) + 1]), ""]
+        lines += ["", "Peak (current) RSS after each build, first pass: " + ", ".join(
+            f"{x['after']} {x['peak_rss_mb']:.0f} ({x.get('rss_mb', 0):.0f}) MB"
+            for x in r["steps"][: len(result['budget']['sizes']) + 1]), ""]
     lines += ["## Notes", "", *result.get("notes", []), ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
