@@ -780,6 +780,19 @@ def notes(result: dict[str, Any]) -> list[str]:
         "- One-off costs are not charged to any size: training the ancestry and distilling the bank (WAVE, TLEG), "
         "the ancestry itself (Weight Selection).",
     ]
+    rows = result["rows"]
+    for regime in result["budget"]["regimes"]:
+        lost = []
+        for size in dict.fromkeys(r["size"] for r in rows if r["regime"] == regime):
+            cell = {r["method"]: r for r in rows if r["regime"] == regime and r["size"] == size and not r["na"]}
+            if "wave_fitted" not in cell:
+                continue
+            best = max(cell.values(), key=lambda r: r["acc"])
+            if best["method"] != "wave_fitted":
+                gap = 100 * (best["acc"] - cell["wave_fitted"]["acc"])
+                lost.append(f"{size} (to {best['method']} by {gap:.1f})")
+        verdict = "best at every size" if not lost else f"not best at {len(lost)} size(s): " + ", ".join(lost)
+        out.append(f"- {REGIMES[regime]}: WAVE fitted is {verdict}.")
     return out
 
 
