@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-JOB = Path(__file__).with_name("_interrupt_job.py")
+JOB = Path(__file__).with_name("_jobs.py")
 
 
 def run(kind: str, workdir: Path, kill_at: int = 0) -> subprocess.CompletedProcess:

@@ -274,7 +274,12 @@ def run_loop(
         if out_dir is None:
             return
         target = out_dir / CKPT_DIR / f"step_{progress.step:08d}"
-        if target.exists():
+        # Every rank must take the same branch: decide before any rank starts writing the folder,
+        # or one rank skips the barriers below while the other waits in them (a deadlock under DDP).
+        accelerator.wait_for_everyone()
+        exists = target.exists()
+        accelerator.wait_for_everyone()
+        if exists:
             return
         accelerator.save_state(str(target), safe_serialization=False)  # placeholders are 0-element
         accelerator.wait_for_everyone()

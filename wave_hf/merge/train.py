@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from huggingface_hub.utils import tqdm
 from torch import nn
 from transformers.utils import logging
@@ -118,7 +118,12 @@ def train_reconstruction(module: nn.Module, images: torch.Tensor, task_ids: torc
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=cfg.pct_start,
         anneal_strategy="linear", div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
-    accelerator = Accelerator()
+    # split_batches: batch_size is the global batch, and the scheduler steps once per global step
+    # (without it accelerate advances a prepared scheduler num_processes times per step).
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     counter = _Counter()
     accelerator.register_for_checkpointing(counter)
@@ -145,7 +150,7 @@ def train_reconstruction(module: nn.Module, images: torch.Tensor, task_ids: torc
         step = counter.step
         epoch, k = divmod(step, spe)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        idx = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+        idx = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size][rank::world]  # this rank's share
         x, t, y = images[idx].to(device), task_ids[idx].to(device), targets[idx].to(device)
         loss = nn.functional.mse_loss(module(x, t), y)
         accelerator.backward(loss)

@@ -1,7 +1,8 @@
-"""A small distill / fit / merge job for test_interrupt.py; SIGKILLs itself at optimizer step ``kill_at``.
+"""Small distill / fit / merge jobs for test_interrupt.py and test_distributed.py.
 
-The kill is injected from outside the library (a patched ``AdamW.step``), so the library code under test is
-exactly what users run.
+``python _jobs.py KIND WORKDIR KILL_AT``: with ``KILL_AT > 0`` the job SIGKILLs itself at that optimizer step.
+The kill is injected from outside the library (a patched ``AdamW.step``), so the code under test is exactly
+what users run. Under ``accelerate launch`` only the main process writes the result.
 """
 
 from __future__ import annotations
@@ -62,4 +63,11 @@ elif kind == "merge":
     result = merged.for_task("a").state_dict()
 else:
     raise SystemExit(f"unknown job {kind}")
-torch.save(result, workdir / "result.pt")
+from accelerate import PartialState  # noqa: E402
+
+state = PartialState()
+if state.is_main_process:
+    torch.save(result, workdir / "result.pt")
+state.wait_for_everyone()
+if torch.distributed.is_available() and torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
