@@ -16,7 +16,7 @@ from wave_hf.distill import (
     distillation_loss,
     init_from_teacher,
 )
-from wave_hf.training import collate
+from wave_hf.data import collate_images as collate
 
 
 @pytest.fixture(autouse=True)

@@ -99,12 +99,13 @@ def collate_images(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     if not batch:
         raise ValueError("collate_images got an empty batch; expected a non-empty list of "
                          "{'pixel_values', 'labels'} items")
-    missing = {"pixel_values", "labels"} - set(batch[0])
+    label_key = "labels" if "labels" in batch[0] else "label"  # raw datasets columns say "label"
+    missing = {"pixel_values", label_key} - set(batch[0])
     if missing:
         raise ValueError(f"collate_images items need keys 'pixel_values' and 'labels'; missing {sorted(missing)}, "
                          f"found {sorted(batch[0])}")
     pixel_values = torch.stack([torch.as_tensor(item["pixel_values"], dtype=torch.float32) for item in batch])
-    labels = torch.tensor([int(item["labels"]) for item in batch], dtype=torch.long)
+    labels = torch.tensor([int(item[label_key]) for item in batch], dtype=torch.long)
     return {"pixel_values": pixel_values, "labels": labels}
 
 

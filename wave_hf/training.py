@@ -34,6 +34,8 @@ from torch.utils.data import DataLoader, Subset
 from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging
 
+from .data import collate_images as collate
+
 logger = logging.get_logger(__name__)
 
 CKPT_DIR = "checkpoints"
@@ -41,21 +43,6 @@ LABEL_KEYS = ("labels", "label")
 
 
 # ----------------------------------------------------------------------------------------------- data
-def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
-    """Stack ``{"pixel_values": (C,H,W), "labels": int}`` items (``"label"`` is accepted for ``"labels"``)."""
-    if not batch:
-        raise ValueError("cannot collate an empty batch")
-    first = batch[0]
-    if "pixel_values" not in first:
-        raise ValueError(f"dataset items need a 'pixel_values' entry; got keys {sorted(first)}")
-    label_key = next((k for k in LABEL_KEYS if k in first), None)
-    if label_key is None:
-        raise ValueError(f"dataset items need a 'labels' (or 'label') entry; got keys {sorted(first)}")
-    pixels = torch.stack([torch.as_tensor(item["pixel_values"], dtype=torch.float32) for item in batch])
-    labels = torch.tensor([int(item[label_key]) for item in batch], dtype=torch.long)
-    return {"pixel_values": pixels, "labels": labels}
-
-
 def _label_column(dataset: Any) -> list[int] | None:
     """The raw label column of a ``datasets.Dataset`` without decoding any image, or None."""
     try:
