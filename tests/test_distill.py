@@ -9,6 +9,7 @@ from testing_common import assert_state_dicts_equal
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from wave_hf import WaveTemplateConfig
+from wave_hf.data import collate_images as collate
 from wave_hf.distill import (
     aux_model,
     config_from_teacher,
@@ -16,7 +17,6 @@ from wave_hf.distill import (
     distillation_loss,
     init_from_teacher,
 )
-from wave_hf.data import collate_images as collate
 
 
 @pytest.fixture(autouse=True)
