@@ -44,7 +44,7 @@ def finetune(
     learning_rate: float = 5e-4,
     batch_size: int = 64,
     weight_decay: float = 0.05,
-    warmup_ratio: float = 0.0,
+    warmup_steps: int = 0,
     seed: int = 0,
     progress: bool = True,
 ) -> ViTForImageClassification:
@@ -62,7 +62,7 @@ def finetune(
             learning_rate=learning_rate,
             per_device_train_batch_size=batch_size,
             weight_decay=weight_decay,
-            warmup_ratio=warmup_ratio,
+            warmup_steps=warmup_steps,
             lr_scheduler_type="cosine",
             seed=seed,
             data_seed=seed,
