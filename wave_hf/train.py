@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments, ViTForImageClassification
+from transformers.trainer_callback import PrinterCallback
 
 from .data import collate_images
 
@@ -75,6 +76,8 @@ def finetune(
             use_cpu=not torch.cuda.is_available(),
         )
         trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collate_images)
+        if not progress:  # PrinterCallback prints the final metrics even with logging off
+            trainer.remove_callback(PrinterCallback)
         trainer.train()
     model.eval()
     return model
