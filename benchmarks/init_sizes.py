@@ -500,7 +500,8 @@ def run_ablation(teacher_dir: str, budget: Budget, workers: int, stage1_steps: i
 
     Every variant bank gets the same short stage 1 (``stage1_steps``) from the ancestry, so the ablation needs
     no shipped bank and its rows compare like with like; the reference is N=6 with the teacher-init stage 1.
-    When the default bank exists it adds one row: the same defaults after the default bank's full stage 1.
+    When the default bank exists, three rows repeat the defaults, train_vectors off and the start-aware LR on
+    it (full stage 1), so the levers are also measured on the bank users get.
     """
     variants_dir = cache_dir() / "ablation_banks"
     names = [REFERENCE_BANK] + ([n for n in SHORT_BANKS if n != REFERENCE_BANK] if "stage1" in levers else [])
@@ -521,9 +522,15 @@ def run_ablation(teacher_dir: str, budget: Budget, workers: int, stage1_steps: i
     if "stage1" in levers:
         for name in names[1:]:
             rows_spec.append((f"stage 1 {name}", banks[name], {}, False, "wave_fitted"))
-        if default_bank is not None:
-            banks["default bank (full stage 1)"] = default_bank
-            rows_spec.append(("stage 1 full length: the default bank", default_bank, {}, False, "wave_fitted"))
+    if default_bank is not None:  # the shipped bank (full stage 1): the same defaults and levers on it
+        banks["default bank (full stage 1)"] = default_bank
+        rows_spec.append(("default bank (full stage 1): WAVE fitted, defaults", default_bank, {}, False,
+                          "wave_fitted"))
+        if "train_vectors" in levers:
+            rows_spec.append(("default bank: train_vectors off", default_bank, {"train_vectors": False}, False,
+                              "wave_fitted"))
+        if "lr_rule" in levers:
+            rows_spec.append(("default bank: start-aware fine-tune LR", default_bank, {}, True, "wave_fitted"))
     jobs = [(lever, b, kw, rule, method, d, w, seed, budget) for (lever, b, kw, rule, method) in rows_spec
             for (d, w) in ABLATION_SIZES for seed in ABLATION_SEEDS]
     rows = run_parallel(_ablation_job, jobs, workers, teacher_dir, ref)
