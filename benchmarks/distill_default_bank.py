@@ -131,7 +131,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         "",
     ]
     if res.get("scan"):
-        lines += ["Step-0 auxiliary accuracy by template count (teacher init, no training):", "",
+        lines += [f"Step-0 auxiliary accuracy by template count (teacher init, no training; first "
+                  f"{res['scan_images']} test images):", "",
                   "| N | step-0 accuracy | templates / teacher matrices |", "|---|---|---|"]
         lines += [f"| {r['num_templates']} | {r['aux_accuracy_step0']:.4f} | {100 * r['template_share']:.1f}% |"
                   for r in res["scan"]]
@@ -161,10 +162,11 @@ def main() -> None:
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--results", default=str(RESULTS / "pipeline"))
     p.add_argument("--template-width", type=int, default=64)
-    p.add_argument("--num-templates", type=int, default=6)
+    p.add_argument("--num-templates", type=int, default=8)
     p.add_argument("--num-vector-templates", type=int, default=3)
     p.add_argument("--scan", default="", help="comma list of template counts to scan at step 0 (e.g. 4,6,8,12)")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--scan-limit", type=int, default=1000, help="test images used by --scan")
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--alpha", type=float, default=0.5)
@@ -197,7 +199,9 @@ def main() -> None:
                            "test_images": len(test), "machine": f"{platform.machine()}, "
                            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"}
     if args.scan:
-        res["scan"] = scan_templates(teacher, test, [int(n) for n in args.scan.split(",")], base)
+        scan_set = test.select(range(min(args.scan_limit, len(test))))
+        res["scan"] = scan_templates(teacher, scan_set, [int(n) for n in args.scan.split(",")], base)
+        res["scan_images"] = len(scan_set)
 
     out = Path(args.out)
     if not args.skip_distill:

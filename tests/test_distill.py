@@ -100,6 +100,20 @@ def test_teacher_init_error_shrinks_with_more_templates():
     assert errors[2] < 1e-8
 
 
+def test_teacher_init_keeps_matrix_norms():
+    """Truncation drops energy; ``match_norms`` gives every approximated layer matrix the teacher's norm back."""
+    teacher = tiny_teacher()
+    config = small_config(teacher, num_templates=2)
+    state = {k: v for k, v in teacher.state_dict().items()}
+    for match, close in ((True, True), (False, False)):
+        bank = init_from_teacher(config, teacher, match_norms=match)
+        built = bank()  # the auxiliary model's encoder tensors
+        key = next(k for k in built if k.endswith("mlp.fc1.weight"))
+        teacher_key = next(k for k in state if k.endswith(key.split("vit.", 1)[1]))
+        ratio = (built[key].norm() / state[teacher_key].norm()).item()
+        assert (abs(ratio - 1) < 1e-5) == close, ratio
+
+
 def test_distill_lowers_the_loss():
     teacher, data = tiny_teacher(), image_dataset(32)
     config = small_config(teacher)

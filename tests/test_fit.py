@@ -169,7 +169,7 @@ def test_two_processes_match_one(setup, tmp_path):
         pytest.skip("the accelerate CLI is not on PATH")
     out = tmp_path / "two.safetensors"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     cmd = launcher + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
                       "no", "--dynamo_backend", "no", "--main_process_port", "0",
                       str(HERE / "_accelerate_fit_script.py"), str(out)]
