@@ -140,9 +140,9 @@ def train_ancestry(
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
-        final = trainer.evaluate()
         history = [{"epoch": round(h["epoch"], 3), "test_accuracy": h["eval_accuracy"]}
                    for h in trainer.state.log_history if "eval_accuracy" in h]
+        final = trainer.evaluate()
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
 
         metrics = {
