@@ -132,7 +132,8 @@ def cmd_distill(args) -> dict:
 def cmd_demo(args) -> dict:
     from .demo import run_demo
 
-    return run_demo(out=args.out, quick=args.quick, seed=args.seed)
+    result = run_demo(out=args.out, quick=args.quick, seed=args.seed)  # prints its own table
+    return {"results": f"{args.out}/results.md", "models": args.out, "sizes": [r["size"] for r in result["rows"]]}
 
 
 def build_parser() -> argparse.ArgumentParser:
