@@ -14,6 +14,7 @@ full fine-tuning.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -188,37 +189,17 @@ def fit_scalers(
     return _detached(initializer.config, model.wave_source.scalers)
 
 
-def fit_model(
-    initializer: WaveInitializer,
-    depth: int,
-    width: int,
-    train_dataset: Any,
-    *,
-    num_heads: int | None = None,
-    num_labels: int | None = None,
-    id2label: dict[int, str] | None = None,
-    teacher: str | os.PathLike | Teacher | None = None,
-    max_images: int | None = 1000,
-    steps: int = 300,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    kd_weight: float = 1.0,
-    temperature: float = 1.0,
-    train_vectors: bool = True,
-    warmup_ratio: float = 0.0,
-    seed: int = 0,
-    output_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 100,
-    max_steps: int | None = None,
-    progress: bool = True,
-) -> ViTForImageClassification:
-    """``fit_scalers``, then ``fold``: a plain ``ViTForImageClassification`` with the fitted encoder *and*
+def fit_model(initializer: WaveInitializer, depth: int, width: int, train_dataset: Any,
+              **kwargs: Any) -> ViTForImageClassification:
+    """``fit_scalers`` (same keywords), then ``fold``: a plain ``ViTForImageClassification`` with the fitted encoder *and*
     the fitted head, every weight trainable, ready for ``wave_hf.train.finetune``."""
-    model, _ = _fit(initializer, depth, width, train_dataset, num_heads=num_heads, num_labels=num_labels,
-                    id2label=id2label, teacher=teacher, max_images=max_images, steps=steps, batch_size=batch_size,
-                    lr=lr, kd_weight=kd_weight, temperature=temperature, train_vectors=train_vectors,
-                    warmup_ratio=warmup_ratio, seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every,
-                    max_steps=max_steps, progress=progress)
+    options = {**_fit_defaults(), **kwargs}  # fit_scalers' keywords and defaults, one source of truth
+    model, _ = _fit(initializer, depth, width, train_dataset, **options)
     model = fold(model)
     model.eval()
     return model
+
+
+def _fit_defaults() -> dict[str, Any]:
+    params = inspect.signature(fit_scalers).parameters
+    return {name: p.default for name, p in params.items() if p.kind is p.KEYWORD_ONLY}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -144,6 +145,12 @@ class WaveInitializer:
             )
         return scalers
 
+    def _target(self, depth: int, width: int, num_heads: int | None = None, num_labels: int = 10,
+                id2label: dict[int, str] | None = None, scalers: Scalers | None = None, seed: int = 0):
+        """Validated ``ViTConfig`` and scalers of a target (shared by ``build`` and ``parametrize``)."""
+        vit_config = self.vit_config(depth, width, num_heads, num_labels, id2label)
+        return vit_config, self._resolve_scalers(depth, width, num_heads, scalers, seed), seed
+
     @torch.no_grad()
     def build(
         self,
@@ -160,8 +167,7 @@ class WaveInitializer:
         Built on the meta device and filled with ``load_state_dict(assign=True)``: nothing is randomly
         initialized and then overwritten. ``seed`` fixes the head and any new scaler entries.
         """
-        vit_config = self.vit_config(depth, width, num_heads, num_labels, id2label)
-        scalers = self._resolve_scalers(depth, width, num_heads, scalers, seed)
+        vit_config, scalers, seed = self._target(depth, width, num_heads, num_labels, id2label, scalers, seed)
         state = assemble(self.config, self.bank.templates, scalers)
         model = vit_layout.empty_classifier(vit_config)
         head_init_(model, seed)
@@ -170,22 +176,12 @@ class WaveInitializer:
         model.eval()
         return model
 
-    def parametrize(
-        self,
-        depth: int,
-        width: int,
-        num_heads: int | None = None,
-        num_labels: int = 10,
-        id2label: dict[int, str] | None = None,
-        scalers: Scalers | None = None,
-        seed: int = 0,
-    ) -> ViTForImageClassification:
-        """The same model as ``build``, with its encoder computed from frozen templates and trainable scalers.
-
-        Train it (only the scalers and the head have gradients), then ``wave_hf.fold(model)``.
+    def parametrize(self, depth: int, width: int, num_heads: int | None = None, **kwargs: Any
+                    ) -> ViTForImageClassification:
+        """The same model as ``build`` (same arguments), with its encoder computed from frozen templates and
+        trainable scalers. Train it (only the scalers and the head have gradients), then ``wave_hf.fold(model)``.
         """
-        vit_config = self.vit_config(depth, width, num_heads, num_labels, id2label)
-        scalers = self._resolve_scalers(depth, width, num_heads, scalers, seed)
+        vit_config, scalers, seed = self._target(depth, width, num_heads, **kwargs)
         trainable = Scalers(self.config, depth, width, scalers.num_heads)
         trainable.load_state_dict(scalers.state_dict())
         return parametrize_vit(self.config, self.bank.templates, trainable, vit_config, seed=seed)

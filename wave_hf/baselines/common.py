@@ -77,10 +77,3 @@ def model_from_encoder(config: ViTConfig, encoder_state: Mapping[str, Tensor], s
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     return model
-
-
-def reject_unknown(method: str, kw: Mapping[str, Any], accepted: tuple[str, ...] = ()) -> None:
-    """Unknown keyword options are an error (a typo must not silently fall back to a default)."""
-    unknown = sorted(set(kw) - set(accepted))
-    if unknown:
-        raise TypeError(f"init method {method!r} got unknown options {unknown}; accepted: {sorted(accepted)}")

@@ -8,12 +8,30 @@ baseline is one new file plus one import in ``__init__``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import ViTForImageClassification
 
-InitFn = Callable[..., ViTForImageClassification]
+
+@dataclass
+class InitRequest:
+    """Everything a method may use. ``options`` holds its own keywords, already checked against the names it
+    registered, so a method never re-validates them."""
+
+    depth: int
+    width: int
+    num_heads: int | None = None
+    num_labels: int = 10
+    id2label: dict[int, str] | None = None
+    teacher: Any = None
+    initializer: Any = None
+    train_dataset: Any = None
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+InitFn = Callable[[InitRequest], ViTForImageClassification]
 
 #: What a method may need besides the size: checked by ``init_model`` before the method runs, so a missing
 #: input fails with one line naming the method and the argument, not deep inside the method.
@@ -28,14 +46,16 @@ class InitMethod:
     fn: InitFn
     needs: tuple[str, ...]
     description: str
+    options: tuple[str, ...] = ()
 
 
 INIT_METHODS: dict[str, InitMethod] = {}
 
 
-def register_init_method(name: str, *, needs: tuple[str, ...] = (), description: str = "") -> Callable[[InitFn], InitFn]:
-    """Decorator: register ``fn(depth, width, *, num_heads, num_labels, teacher, initializer, train_dataset,
-    seed, **kw)`` under ``name``."""
+def register_init_method(name: str, *, needs: tuple[str, ...] = (), options: tuple[str, ...] = (),
+                         description: str = "") -> Callable[[InitFn], InitFn]:
+    """Decorator: register ``fn(request: InitRequest)`` under ``name``; ``options`` are the extra keywords
+    it accepts (anything else is rejected by ``init_model``)."""
     bad = [n for n in needs if n not in NEEDS]
     if bad:
         raise ValueError(f"init method {name!r}: unknown needs {bad}; accepted: {list(NEEDS)}")
@@ -44,7 +64,7 @@ def register_init_method(name: str, *, needs: tuple[str, ...] = (), description:
         if name in INIT_METHODS:
             raise ValueError(f"init method {name!r} is already registered")
         doc = description or (fn.__doc__ or "").strip().splitlines()[0]
-        INIT_METHODS[name] = InitMethod(name, fn, tuple(needs), doc)
+        INIT_METHODS[name] = InitMethod(name, fn, tuple(needs), doc, tuple(options))
         return fn
 
     return deco
@@ -84,5 +104,9 @@ def init_model(
     missing = [n for n in entry.needs if given[n] is None]
     if missing:
         raise ValueError(f"init method {method!r} needs {', '.join(f'{n}=' for n in missing)} (got None)")
-    return entry.fn(depth, width, num_heads=num_heads, num_labels=num_labels, teacher=teacher,
-                    initializer=initializer, train_dataset=train_dataset, seed=seed, **kw)
+    id2label = kw.pop("id2label", None)
+    unknown = sorted(set(kw) - set(entry.options))
+    if unknown:  # a typo must not silently fall back to a default
+        raise TypeError(f"init method {method!r} got unknown options {unknown}; accepted: {sorted(entry.options)}")
+    return entry.fn(InitRequest(depth, width, num_heads, num_labels, id2label, teacher, initializer, train_dataset,
+                                seed, dict(kw)))

@@ -25,8 +25,8 @@ from transformers import ViTForImageClassification
 from .. import vit_layout
 from ..rule import assemble
 from ..scalers import Scalers
-from .common import model_from_encoder, reject_unknown
-from .registry import register_init_method
+from .common import model_from_encoder
+from .registry import InitRequest, register_init_method
 
 WIDTH_EXPANSIONS = ("wave", "none")
 
@@ -70,27 +70,14 @@ def learngene(initializer: Any, width: int, num_heads: int | None = None, seed: 
     return layers, globals_
 
 
-@register_init_method("tleg", needs=("initializer",),
+@register_init_method("tleg", needs=("initializer",), options=("width_expansion",),
                       description="TLEG linear expansion W_l = W_A + (l/L) W_B, fitted to the bank's auxiliary model")
-def tleg(
-    depth: int,
-    width: int,
-    *,
-    num_heads: int | None = None,
-    num_labels: int = 10,
-    teacher: Any = None,
-    initializer: Any = None,
-    train_dataset: Any = None,
-    seed: int = 0,
-    **kw: Any,
-) -> ViTForImageClassification:
+def tleg(req: InitRequest) -> ViTForImageClassification:
     """Any depth (the line is only sampled at ``l / L``, never extrapolated past the auxiliary range)."""
-    id2label = kw.pop("id2label", None)
-    width_expansion = kw.pop("width_expansion", "wave")
-    reject_unknown("tleg", kw, ("id2label", "width_expansion"))
-    config = initializer.vit_config(depth, width, num_heads, num_labels, id2label)
-    layers, state = learngene(initializer, width, config.num_attention_heads, seed, width_expansion)
-    for layer in range(depth):
+    config = req.initializer.vit_config(req.depth, req.width, req.num_heads, req.num_labels, req.id2label)
+    layers, state = learngene(req.initializer, req.width, config.num_attention_heads, req.seed,
+                              req.options.get("width_expansion", "wave"))
+    for layer in range(req.depth):
         for name, (base, slope) in layers.items():
-            state[vit_layout.layer_key(layer, name)] = base + (layer / depth) * slope
-    return model_from_encoder(config, state, seed)
+            state[vit_layout.layer_key(layer, name)] = base + (layer / req.depth) * slope
+    return model_from_encoder(config, state, req.seed)

@@ -9,13 +9,20 @@ scalers and give the same bits.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from transformers import ViTForImageClassification
 
+from ..fit import fit_model, fit_scalers
 from ..scalers import Scalers
-from .common import reject_unknown
-from .registry import register_init_method
+from .registry import InitRequest, register_init_method
+
+#: ``fit_scalers``' keywords (``fit_model`` takes the same), minus the request's own fields, plus ``distill``.
+FIT_OPTIONS = tuple(
+    name for name, p in inspect.signature(fit_scalers).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name not in ("num_heads", "num_labels", "id2label", "teacher", "seed")
+) + ("distill",)
 
 
 def default_scalers(initializer: Any, depth: int, width: int, num_heads: int | None, seed: int) -> Scalers:
@@ -25,48 +32,23 @@ def default_scalers(initializer: Any, depth: int, width: int, num_heads: int | N
 
 @register_init_method("wave_default", needs=("initializer",),
                       description="WAVE with default (unfitted) scalers: WaveInitializer.build")
-def wave_default(
-    depth: int,
-    width: int,
-    *,
-    num_heads: int | None = None,
-    num_labels: int = 10,
-    teacher: Any = None,
-    initializer: Any = None,
-    train_dataset: Any = None,
-    seed: int = 0,
-    **kw: Any,
-) -> ViTForImageClassification:
+def wave_default(req: InitRequest) -> ViTForImageClassification:
     """Templates x default scalers, folded; new head."""
-    id2label = kw.pop("id2label", None)
-    reject_unknown("wave_default", kw, ("id2label",))
-    scalers = default_scalers(initializer, depth, width, num_heads, seed)
-    return initializer.build(depth, width, num_heads, num_labels=num_labels, id2label=id2label, scalers=scalers,
-                             seed=seed)
+    scalers = default_scalers(req.initializer, req.depth, req.width, req.num_heads, req.seed)
+    return req.initializer.build(req.depth, req.width, req.num_heads, num_labels=req.num_labels,
+                                 id2label=req.id2label, scalers=scalers, seed=req.seed)
 
 
-@register_init_method("wave_fitted", needs=("initializer", "train_dataset"),
+@register_init_method("wave_fitted", needs=("initializer", "train_dataset"), options=FIT_OPTIONS,
                       description="WAVE with scalers fitted on little data (templates frozen), folded with the fitted head")
-def wave_fitted(
-    depth: int,
-    width: int,
-    *,
-    num_heads: int | None = None,
-    num_labels: int = 10,
-    teacher: Any = None,
-    initializer: Any = None,
-    train_dataset: Any = None,
-    seed: int = 0,
-    **kw: Any,
-) -> ViTForImageClassification:
+def wave_fitted(req: InitRequest) -> ViTForImageClassification:
     """``wave_hf.fit.fit_model``: the same encoder as ``build(..., scalers=fit_scalers(...))`` (build is
     parametrize + fold, bit for bit) but it keeps the head trained with the scalers, as
     ``weight_selection_matched`` keeps its head; otherwise the fitted start would be judged with a random
     head. ``distill=False`` fits with CE only (transfer to a task the teacher does not know); every other
     option goes to the fit (``steps``, ``max_images``, ``train_vectors``, ...)."""
-    from ..fit import fit_model
-
-    distill = kw.pop("distill", True)
-    kw.setdefault("progress", False)
-    return fit_model(initializer, depth, width, train_dataset, num_heads=num_heads, num_labels=num_labels,
-                     teacher=teacher if distill else None, seed=seed, **kw)
+    opts = {"progress": False, **req.options}
+    distill = opts.pop("distill", True)
+    return fit_model(req.initializer, req.depth, req.width, req.train_dataset, num_heads=req.num_heads,
+                     num_labels=req.num_labels, id2label=req.id2label, teacher=req.teacher if distill else None,
+                     seed=req.seed, **opts)

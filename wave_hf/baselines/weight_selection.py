@@ -9,15 +9,13 @@ be selected from it and raises.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 from transformers import ViTForImageClassification
 
 from .. import vit_layout
-from .common import config_like, load_teacher, model_from_encoder, reject_unknown
-from .registry import register_init_method
+from .common import config_like, load_teacher, model_from_encoder
+from .registry import InitRequest, register_init_method
 
 
 def uniform_indices(teacher_size: int, student_size: int) -> Tensor:
@@ -72,24 +70,11 @@ def select_encoder(teacher: ViTForImageClassification, shape: vit_layout.ViTShap
 
 @register_init_method("weight_selection", needs=("teacher",),
                       description="Weight Selection (Xu et al. 2024): first-N layers, evenly spaced elements")
-def weight_selection(
-    depth: int,
-    width: int,
-    *,
-    num_heads: int | None = None,
-    num_labels: int = 10,
-    teacher: Any = None,
-    initializer: Any = None,
-    train_dataset: Any = None,
-    seed: int = 0,
-    **kw: Any,
-) -> ViTForImageClassification:
+def weight_selection(req: InitRequest) -> ViTForImageClassification:
     """The target keeps the teacher's geometry, eps and head size; only the classifier is random (seeded).
     Heads are regrouped (a student head takes every k-th dimension across teacher heads), as in the
     original method."""
-    id2label = kw.pop("id2label", None)
-    reject_unknown("weight_selection", kw)
-    teacher = load_teacher(teacher)
-    config = config_like(teacher.config, depth, width, num_heads, num_labels, id2label)
+    teacher = load_teacher(req.teacher)
+    config = config_like(teacher.config, req.depth, req.width, req.num_heads, req.num_labels, req.id2label)
     encoder_state = select_encoder(teacher, vit_layout.shape_of(config))
-    return model_from_encoder(config, encoder_state, seed)
+    return model_from_encoder(config, encoder_state, req.seed)

@@ -14,6 +14,7 @@ drift apart.
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,8 +32,8 @@ from ..training import (
     run_loop,
     seeded_subset,
 )
-from .common import load_teacher, reject_unknown
-from .registry import register_init_method
+from .common import load_teacher
+from .registry import InitRequest, register_init_method
 from .weight_selection import weight_selection
 
 #: The budget and loss options shared with ``fit_scalers``.
@@ -90,29 +91,15 @@ def train_all_weights(
 
 
 @register_init_method("weight_selection_matched", needs=("teacher", "train_dataset"),
+                      options=FIT_KEYS + ("distill", "progress"),
                       description="Weight Selection + WAVE's fitting pass (same images, steps, loss), all weights")
-def weight_selection_matched(
-    depth: int,
-    width: int,
-    *,
-    num_heads: int | None = None,
-    num_labels: int = 10,
-    teacher: Any = None,
-    initializer: Any = None,
-    train_dataset: Any = None,
-    seed: int = 0,
-    **kw: Any,
-) -> ViTForImageClassification:
+def weight_selection_matched(req: InitRequest) -> ViTForImageClassification:
     """``distill=False`` drops the KD term (CE only): for transfer to a task the teacher does not know, where
     WAVE's fit must be run the same way. ``FIT_KEYS`` options override ``fit_scalers``' defaults; pass the
     same ones to ``wave_fitted``."""
-    id2label = kw.pop("id2label", None)
-    distill = kw.pop("distill", True)
-    progress = kw.pop("progress", False)
-    budget = {k: kw.pop(k) for k in list(kw) if k in FIT_KEYS}
-    reject_unknown("weight_selection_matched", kw, FIT_KEYS + ("id2label", "distill", "progress"))
-    teacher = load_teacher(teacher)
-    model = weight_selection(depth, width, num_heads=num_heads, num_labels=num_labels, teacher=teacher,
-                             seed=seed, id2label=id2label)
-    return train_all_weights(model, train_dataset, teacher=teacher if distill else None, seed=seed,
-                             progress=progress, **budget)
+    opts = req.options
+    teacher = load_teacher(req.teacher)
+    model = weight_selection(replace(req, teacher=teacher, options={}))
+    budget = {k: opts[k] for k in FIT_KEYS if k in opts}
+    return train_all_weights(model, req.train_dataset, teacher=teacher if opts.get("distill", True) else None,
+                             seed=req.seed, progress=opts.get("progress", False), **budget)

@@ -15,9 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 from .. import vit_layout as L
+from ..io import atomic_dir, push_folder
 
 CONFIG_NAME = "merge_config.json"
 FORMAT = "wave-hf-merge"
@@ -153,9 +151,7 @@ class _MultiTaskResult:
                         safe_serialization: bool = True) -> Path:
         """Write the documented layout atomically; an existing ``save_directory`` is replaced only on success."""
         target = Path(save_directory).resolve()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_dir(target) as tmp:
             for task in self.tasks:
                 self.for_task(task).save_pretrained(tmp / task, safe_serialization=safe_serialization)
             cfg = self.merge_config()
@@ -163,28 +159,12 @@ class _MultiTaskResult:
                 cfg["metadata"] = {**cfg["metadata"], "accuracies": dict(accuracies)}
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
             self.model_card(accuracies).save(tmp / "README.md")
-            backup = None
-            if target.exists():
-                backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(target, backup)
-            os.replace(tmp, target)
-            if backup is not None:
-                shutil.rmtree(backup, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload merged ViT (wave-hf)", accuracies: dict | None = None):
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / "merged", accuracies=accuracies)
-            return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                                     repo_type="model")
+        return push_folder(lambda folder: self.save_pretrained(folder, accuracies=accuracies), repo_id,
+                           commit_message=commit_message, private=private, token=token)
 
     @staticmethod
     def from_pretrained(directory: str | os.PathLike):
