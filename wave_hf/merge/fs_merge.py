@@ -10,7 +10,7 @@ import torch
 from . import MergeMethod, register_merge_method
 from .common import MergeData, features
 from .supernet import SuperNet
-from .train import TrainConfig, reconstruction_loss, train_reconstruction
+from .train import TrainConfig, TrainingOptions, reconstruction_loss, train_reconstruction
 
 
 def routed_targets(models, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -23,7 +23,7 @@ def routed_targets(models, images: list[torch.Tensor]) -> tuple[torch.Tensor, to
 
 @register_merge_method("fs_merge")
 @dataclass
-class FSMerge(MergeMethod):
+class FSMerge(TrainingOptions, MergeMethod):
     """Args:
     rank: rank r of the low-rank part of each width-d M/U (MLP-hidden maps get 4r); 0 = diagonal only.
     init: "first" (starts as model 1) or "average" (starts as the weight average).
@@ -33,29 +33,15 @@ class FSMerge(MergeMethod):
 
     rank: int = 8
     init: str = "first"
-    epochs: int = 20
-    steps: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-4
     lr_diag: float = 1e-3
-    weight_decay: float = 1e-3
-    seed: int = 0
-    output_dir: str | None = None
-    save_every: int = 0
-    resume: bool = True
-    stop_after: int | None = None
-    progress: bool = True
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
             raise ValueError(f"rank must be an integer >= 0, got {self.rank!r}")
         self.train_config()  # validate early
 
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                           lr_diag=self.lr_diag, weight_decay=self.weight_decay, seed=self.seed,
-                           output_dir=self.output_dir, save_every=self.save_every, resume=self.resume,
-                           stop_after=self.stop_after, progress=self.progress)
+    def train_config(self, lr_diag: float | None = None) -> TrainConfig:
+        return super().train_config(self.lr_diag if lr_diag is None else lr_diag)
 
     def build(self, models, tasks) -> SuperNet:
         return SuperNet(models, tasks, rank=self.rank, init=self.init, seed=self.seed)

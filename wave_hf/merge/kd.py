@@ -13,7 +13,7 @@ from . import MergeMethod, register_merge_method
 from .average import from_encoder
 from .common import MergeData, encoder_state
 from .fs_merge import routed_targets
-from .train import TrainConfig, reconstruction_loss, train_reconstruction
+from .train import TrainingOptions, reconstruction_loss, train_reconstruction
 
 
 class Student(nn.Module):
@@ -31,28 +31,13 @@ class Student(nn.Module):
 
 @register_merge_method("kd")
 @dataclass
-class KD(MergeMethod):
-    epochs: int = 20
-    steps: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-4
-    weight_decay: float = 1e-3
-    seed: int = 0
-    output_dir: str | None = None
-    save_every: int = 0
-    resume: bool = True
-    stop_after: int | None = None
-    progress: bool = True
+class KD(TrainingOptions, MergeMethod):
 
     def run(self, models, tasks, data: MergeData):
         student = Student(models[0])
         x, ids, y = routed_targets(models, data.all_images())
         before = reconstruction_loss(student, x, ids, y)
-        cfg = TrainConfig(epochs=self.epochs, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                          lr_diag=self.lr, weight_decay=self.weight_decay, seed=self.seed,
-                          output_dir=self.output_dir, save_every=self.save_every, resume=self.resume,
-                          stop_after=self.stop_after, progress=self.progress)
-        res = train_reconstruction(student, x, ids, y, cfg)
+        res = train_reconstruction(student, x, ids, y, self.train_config())
         merged = from_encoder(models, tasks, encoder_state(student.model))
         merged.metadata.update({
             "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),

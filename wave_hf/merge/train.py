@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,10 +21,34 @@ from huggingface_hub.utils import tqdm
 from torch import nn
 from transformers.utils import logging
 
+from ..training import CKPT_DIR, LoopResult, checkpoints
+
 logger = logging.get_logger(__name__)
 
-CKPT_DIR = "checkpoints"
 
+
+
+@dataclass
+class TrainingOptions:
+    """The options FS-Merge and KD share: how long and how the reconstruction loop trains (a mixin)."""
+
+    epochs: int = 20
+    steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    seed: int = 0
+    output_dir: str | None = None
+    save_every: int = 0
+    resume: bool = True
+    stop_after: int | None = None
+    progress: bool = True
+
+    def train_config(self, lr_diag: float | None = None) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                           lr_diag=self.lr if lr_diag is None else lr_diag, weight_decay=self.weight_decay,
+                           seed=self.seed, output_dir=self.output_dir, save_every=self.save_every,
+                           resume=self.resume, stop_after=self.stop_after, progress=self.progress)
 
 @dataclass
 class TrainConfig:
@@ -75,20 +99,6 @@ class _Counter:
         self.step = int(state["step"])
 
 
-@dataclass
-class TrainResult:
-    losses: list[float] = field(default_factory=list)
-    steps_done: int = 0
-    total_steps: int = 0
-    resumed_from: int = 0
-    stopped_early: bool = False
-
-
-def _checkpoints(output_dir: Path) -> list[Path]:
-    root = output_dir / CKPT_DIR
-    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
-
-
 def reconstruction_loss(module: nn.Module, images: torch.Tensor, task_ids: torch.Tensor, targets: torch.Tensor,
                         batch_size: int = 256) -> float:
     """Mean task-routed MSE over a whole set (no grad)."""
@@ -102,7 +112,7 @@ def reconstruction_loss(module: nn.Module, images: torch.Tensor, task_ids: torch
 
 
 def train_reconstruction(module: nn.Module, images: torch.Tensor, task_ids: torch.Tensor, targets: torch.Tensor,
-                         cfg: TrainConfig) -> TrainResult:
+                         cfg: TrainConfig) -> LoopResult:
     """Train ``module(pixel_values, task_ids) -> (B, d)`` to match ``targets`` (in place)."""
     set_seed(cfg.seed)
     n = len(images)
@@ -128,9 +138,9 @@ def train_reconstruction(module: nn.Module, images: torch.Tensor, task_ids: torc
     counter = _Counter()
     accelerator.register_for_checkpointing(counter)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    result = TrainResult(total_steps=total)
-    if out_dir is not None and cfg.resume and _checkpoints(out_dir):
-        last = _checkpoints(out_dir)[-1]
+    result = LoopResult(total_steps=total)
+    if out_dir is not None and cfg.resume and checkpoints(out_dir):
+        last = checkpoints(out_dir)[-1]
         accelerator.load_state(str(last))
         result.resumed_from = counter.step
         logger.info(f"resumed from {last} at step {counter.step}/{total}")
@@ -139,7 +149,7 @@ def train_reconstruction(module: nn.Module, images: torch.Tensor, task_ids: torc
         if out_dir is None:
             return
         accelerator.save_state(str(out_dir / CKPT_DIR / f"step_{counter.step:08d}"))
-        for old in _checkpoints(out_dir)[: -cfg.keep_checkpoints]:
+        for old in checkpoints(out_dir)[: -cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
     device = accelerator.device
