@@ -236,7 +236,7 @@ def main() -> None:
     res["fit"] = {**fit_kw, "kd": "ancestry, kd_weight 1.0"}
     res["sizes"] = []
     id2label = dict(enumerate(train.features["label"].names))
-    for text in args.sizes.split(","):
+    for text in filter(None, args.sizes.split(",")):  # --sizes "": distil only
         depth, width = parse_size(text)
         t0 = time.time()
         fitted = fit_model(init, depth, width, train, teacher=teacher, id2label=id2label, **fit_kw)

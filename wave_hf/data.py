@@ -30,7 +30,8 @@ from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features, Image,
 
 __all__ = ["FASHION_MNIST_CLASSES", "LOCAL_SOURCES", "collate_images", "load_image_dataset"]
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist/"
+# Debian's dataset-fashion-mnist; $WAVE_HF_FASHION_MNIST_DIR points elsewhere (a machine without the package).
+FASHION_MNIST_DIR = os.environ.get("WAVE_HF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist/")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot")
 SHIFT = 5  # fashion_mnist_shifted: label -> (label + SHIFT) % 10

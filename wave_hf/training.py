@@ -306,10 +306,11 @@ def run_loop(
 def predict(model: nn.Module, dataset: Any, batch_size: int = 256) -> tuple[Tensor, Tensor]:
     """``(outputs, labels)`` over a whole dataset, in order; ``outputs`` are logits (or CLS features)."""
     model.eval()
+    device = next(model.parameters()).device  # a model trained on a GPU stays there; the loader yields CPU
     outs, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=0)
     for batch in loader:
-        outs.append(forward_output(model, batch["pixel_values"]))
+        outs.append(forward_output(model, batch["pixel_values"].to(device)).cpu())
         labels.append(batch["labels"])
     return torch.cat(outs), torch.cat(labels)
 

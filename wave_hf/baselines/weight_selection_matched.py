@@ -77,7 +77,7 @@ def train_all_weights(
         if teacher is None or kd_weight == 0:
             return ce
         with torch.no_grad():
-            target = forward_output(teacher, x)
+            target = forward_output(teacher.to(x.device), x)
         return ce + kd_weight * distillation_loss(logits, target, None, temperature=temperature, alpha=1.0)
 
     model.requires_grad_(True)

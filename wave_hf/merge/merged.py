@@ -212,8 +212,9 @@ class MergedViT(_MultiTaskResult):
                  heads: dict[str, tuple[torch.Tensor, torch.Tensor]], id2label: dict[str, dict[int, str]],
                  sources: Sequence[str] = (), method: str = "?", metadata: dict | None = None):
         self.config = config
-        self.encoder_state = encoder_state
-        self.heads = dict(heads)
+        # Held on the CPU whatever device trained it, like a model fresh from ``from_pretrained``.
+        self.encoder_state = {k: v.detach().cpu() for k, v in encoder_state.items()}
+        self.heads = {t: (w.detach().cpu(), b.detach().cpu()) for t, (w, b) in heads.items()}
         self.tasks = list(heads)
         self.id2label = id2label
         self.sources = list(sources)

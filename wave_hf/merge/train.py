@@ -103,10 +103,12 @@ def reconstruction_loss(module: nn.Module, images: torch.Tensor, task_ids: torch
                         batch_size: int = 256) -> float:
     """Mean task-routed MSE over a whole set (no grad)."""
     total, n = 0.0, 0
+    device = next(module.parameters()).device  # after training the module may sit on a GPU
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            out = module(images[i : i + batch_size], task_ids[i : i + batch_size])
-            total += nn.functional.mse_loss(out, targets[i : i + batch_size], reduction="sum").item()
+            sl = slice(i, i + batch_size)
+            out = module(images[sl].to(device), task_ids[sl].to(device))
+            total += nn.functional.mse_loss(out, targets[sl].to(device), reduction="sum").item()
             n += out.numel()
     return total / max(n, 1)
 
