@@ -136,3 +136,56 @@ def test_build_is_fast_no_full_random_init(tiny_init, monkeypatch):
     monkeypatch.setattr(torch.nn.init, "trunc_normal_", lambda t, *a, **k: calls.append(t.shape) or orig(t, *a, **k))
     tiny_init.build(depth=3, width=48, num_labels=4)
     assert calls == [torch.Size([4, 48])]  # the new classifier head only
+
+
+@pytest.mark.parametrize("name, size", SIZES)
+def test_lowrank_rank_zero_is_todays_model(name, size, tiny_init):
+    """``lowrank_rank=0`` (the default) adds nothing: same bits, same parameters; a new rank-2 correction
+    starts at an exactly-zero product, so it does not change the built weights either."""
+    today = tiny_init.build(**size)
+    assert_state_dicts_equal(today, tiny_init.build(**size, lowrank_rank=0))
+    assert_state_dicts_equal(today, tiny_init.build(**size, lowrank_rank=2))
+    plain = tiny_init.parametrize(**size, lowrank_rank=0).wave_source.scalers
+    assert plain.lowrank_rank == 0 and not any(k.startswith("lowrank") for k in plain.state_dict())
+    lowrank = tiny_init.parametrize(**size, lowrank_rank=2).wave_source.scalers
+    assert all(not a.any() and b.any() for a, b in zip(lowrank.lowrank_a.values(), lowrank.lowrank_b.values()))
+    again = tiny_init.parametrize(**size, lowrank_rank=2).wave_source.scalers  # same seed -> same bits
+    assert_state_dicts_equal(lowrank, again)
+
+
+def _reference_weight(init: WaveInitializer, scalers: Scalers, layer: int, name: str) -> torch.Tensor:
+    """``sum_t kron(T_t, S_{l,t}) + A_l @ B_l`` in plain torch (``torch.kron``), q/k/v sliced from qkv."""
+    a = init.config.template_width
+    kind, row = {"q": ("qkv", 0), "k": ("qkv", 1), "v": ("qkv", 2)}.get(name, (name, None))
+    t = init.bank.templates[kind] if row is None else init.bank.templates[kind][:, row * a : (row + 1) * a]
+    s = scalers.matrix[kind][layer]
+    rule = sum(torch.kron(t[i], s[i]) for i in range(t.shape[0]))
+    return rule + scalers.lowrank_a[name][layer] @ scalers.lowrank_b[name][layer]
+
+
+# (name, size, rank, layer, matrix checked against the plain-torch reference)
+LOWRANK_CASES = [
+    ("r1-full-rank-fc1", dict(depth=1, width=16), 16, 0, "fc1"),
+    ("r2-rank2-o", dict(depth=2, width=32, num_heads=2), 2, 1, "o"),
+    ("r3-rank3-k", dict(depth=3, width=48), 3, 2, "k"),
+]
+
+
+@pytest.mark.parametrize("name, size, rank, layer, matrix", LOWRANK_CASES)
+def test_lowrank_correction_folds_exactly(name, size, rank, layer, matrix, tiny_init, images):
+    model = tiny_init.parametrize(**size, lowrank_rank=rank)
+    scalers = model.wave_source.scalers
+    with torch.no_grad():  # non-zero products: the start (A = 0) would make the check trivial
+        for a in scalers.lowrank_a.values():
+            a.copy_(0.05 * torch.randn(a.shape, generator=torch.Generator().manual_seed(4)))
+        before = model(images).logits
+    kept = Scalers(tiny_init.config, scalers.depth, scalers.width, scalers.num_heads, rank)
+    kept.load_state_dict(scalers.state_dict())
+    folded = fold(model)
+    with torch.no_grad():
+        after = folded(images).logits
+    assert (before - after).abs().max() <= 1e-5
+    key = vit_layout.layer_key(layer, matrix)
+    expected = _reference_weight(tiny_init, kept, layer, matrix).detach()
+    assert (folded.state_dict()[key] - expected).abs().max() <= 1e-6
+    assert_state_dicts_equal(tiny_init.build(**size, scalers=kept), folded)  # build adds the correction too

@@ -75,7 +75,8 @@ def test_fit_lowers_the_loss(setup):
     init, data = setup
     model, log = _fit(init, 2, 32, data, num_heads=None, num_labels=4, id2label=None, teacher=None, max_images=16,
                       steps=30, batch_size=16, lr=1e-2, kd_weight=0.0, temperature=1.0, train_vectors=True,
-                      warmup_ratio=0.0, seed=0, output_dir=None, checkpoint_every=0, max_steps=None, progress=False)
+                      lowrank_rank=0, warmup_ratio=0.0, seed=0, output_dir=None, checkpoint_every=0, max_steps=None,
+                      progress=False)
     assert sum(log.losses[-5:]) < sum(log.losses[:5])
 
 
@@ -83,7 +84,8 @@ def test_folded_fitted_model_equals_the_parametrized_one(setup):
     init, data = setup
     model, _ = _fit(init, 2, 32, data, num_heads=None, num_labels=4, id2label=None, teacher=None, max_images=24,
                     steps=3, batch_size=8, lr=1e-2, kd_weight=0.0, temperature=1.0, train_vectors=True,
-                    warmup_ratio=0.0, seed=0, output_dir=None, checkpoint_every=0, max_steps=None, progress=False)
+                    lowrank_rank=0, warmup_ratio=0.0, seed=0, output_dir=None, checkpoint_every=0, max_steps=None,
+                    progress=False)
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         before = model(x).logits
@@ -128,6 +130,29 @@ def test_initializer_keeps_fitted_scalers(setup):
     a = init.build(2, 32, num_labels=4).state_dict()
     b = init.build(2, 32, num_labels=4, scalers=scalers).state_dict()
     assert_state_dicts_equal(a, b)
+
+
+def test_lowrank_fit_trains_the_factors_and_round_trips(setup, tmp_path):
+    """``lowrank_rank=2``: A and B train with the scalers, templates stay bit-identical, the factors are
+    counted, saved with the scalers and added by ``build`` after ``from_pretrained``."""
+    init, data = setup
+    before = {k: v.clone() for k, v in init.bank.state_dict().items()}
+    start = init.scalers_for(2, 32, lowrank_rank=2)  # the start the fit uses (same seed)
+    scalers = fit_scalers(init, 2, 32, data, num_labels=4, lowrank_rank=2, **KW)
+    assert_state_dicts_equal(before, init.bank.state_dict())
+    assert scalers.lowrank_rank == 2
+    for group in ("lowrank_a", "lowrank_b"):
+        moved = {k: not torch.equal(getattr(scalers, group)[k], getattr(start, group)[k])
+                 for k in getattr(scalers, group)}
+        assert all(moved.values()), (group, moved)
+    plain = sum(p.numel() for p in init.scalers_for(2, 32).parameters())
+    extra = 2 * 2 * (4 * (32 + 32) + 2 * (128 + 32))  # layers * rank * (q, k, v, o + fc1, fc2) * (out + in)
+    assert sum(p.numel() for p in scalers.parameters()) == plain + extra
+    init.add_scalers(scalers)
+    init.save_pretrained(tmp_path / "bank")
+    again = WaveInitializer.from_pretrained(tmp_path / "bank")
+    assert_state_dicts_equal(scalers, again.fitted[(2, 32, 2)])
+    assert_state_dicts_equal(init.build(2, 32, num_labels=4, scalers=scalers), again.build(2, 32, num_labels=4))
 
 
 def test_bad_inputs_raise_clear_errors(setup):

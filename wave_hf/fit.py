@@ -1,10 +1,11 @@
 """Stage 2: fit the scalers of one target size on a little data, with the bank's templates frozen.
 
 The model is ``initializer.parametrize(...)``: a stock ViT whose encoder is ``templates x scalers``. Only
-``model.wave_source.scalers`` (the matrix scalers, the vector scalers and, with ``train_vectors``, the
-per-size vector templates of ``Scalers.vectors``) and the new classifier head train; the bank's matrix
-templates are frozen (docs/wave.md section 7, rule 1) and come out bit-identical. Loss: CE on the labels,
-plus ``kd_weight * KL(p_teacher || p_model) * T^2`` when a teacher is given (docs/wave.md section 5 item 7).
+``model.wave_source.scalers`` (the matrix scalers, the vector scalers, with ``train_vectors`` the per-size
+vector templates of ``Scalers.vectors``, and with ``lowrank_rank`` the per-layer low-rank correction factors)
+and the new classifier head train; the bank's matrix templates are frozen (docs/wave.md section 7, rule 1)
+and come out bit-identical. Loss: CE on the labels, plus ``kd_weight * KL(p_teacher || p_model) * T^2`` when
+a teacher is given (docs/wave.md section 5 item 7).
 AdamW without weight decay (scalers set the scale of the built weights), cosine schedule.
 
 ``fit_scalers`` returns the ``Scalers`` only: ``WaveInitializer.build`` always makes a new head, so the head
@@ -24,7 +25,7 @@ from transformers import ViTForImageClassification
 
 from .distill import Teacher, distillation_loss, load_teacher, teacher_has_head
 from .fold import fold
-from .scalers import Scalers, check_size
+from .scalers import Scalers, check_lowrank_rank, check_size
 from .training import (
     LoopResult,
     LoopSettings,
@@ -59,6 +60,7 @@ def _fit(
     kd_weight: float,
     temperature: float,
     train_vectors: bool,
+    lowrank_rank: int,
     warmup_ratio: float,
     seed: int,
     output_dir: str | os.PathLike | None,
@@ -72,6 +74,7 @@ def _fit(
     if not isinstance(initializer, WaveInitializer):
         raise TypeError(f"initializer must be a WaveInitializer, got {type(initializer).__name__}")
     heads = check_size(initializer.config, depth, width, num_heads)
+    check_lowrank_rank(lowrank_rank, width)
     if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
         raise ValueError(f"max_images must be an int >= 1 or None, got {max_images!r}")
     lr = check_positive("lr", lr)
@@ -105,12 +108,14 @@ def _fit(
             raise ValueError(f"the teacher predicts {kd.config.num_labels} labels, the model num_labels={num_labels}")
         kd.requires_grad_(False)
 
-    model = initializer.parametrize(depth, width, heads, num_labels=num_labels, id2label=id2label, seed=seed)
+    model = initializer.parametrize(depth, width, heads, num_labels=num_labels, id2label=id2label, seed=seed,
+                                    lowrank_rank=lowrank_rank)
     model.requires_grad_(False)
     scalers: Scalers = model.wave_source.scalers
     trainable = list(scalers.matrix.values()) + list(scalers.vector_scalers.values())
     if train_vectors:
         trainable += list(scalers.vectors.values())
+    trainable += list(scalers.lowrank_a.values()) + list(scalers.lowrank_b.values())  # empty at rank 0
     trainable += list(model.classifier.parameters())
     for p in trainable:
         p.requires_grad_(True)
@@ -132,7 +137,7 @@ def _fit(
 
 
 def _detached(config, scalers: Scalers) -> Scalers:
-    out = Scalers(config, scalers.depth, scalers.width, scalers.num_heads)
+    out = Scalers(config, scalers.depth, scalers.width, scalers.num_heads, scalers.lowrank_rank)
     out.load_state_dict({k: v.detach().clone() for k, v in scalers.state_dict().items()})
     return out.requires_grad_(False)
 
@@ -154,6 +159,7 @@ def fit_scalers(
     kd_weight: float = 1.0,
     temperature: float = 1.0,
     train_vectors: bool = True,
+    lowrank_rank: int = 0,
     warmup_ratio: float = 0.0,
     seed: int = 0,
     output_dir: str | os.PathLike | None = None,
@@ -176,6 +182,12 @@ def fit_scalers(
             steps; ``batch_size`` is the global batch (split across ``accelerate launch`` processes).
         kd_weight, temperature: the loss is ``CE + kd_weight * KL * T^2`` when a teacher is given.
         train_vectors: also train the per-size vector templates (``Scalers.vectors``); they fold exactly.
+        lowrank_rank: rank ``k`` (int in ``[0, width]``; 0, the default, is off) of a per-layer correction
+            ``A_l @ B_l`` added to each built matrix (q, k, v, o, fc1, fc2), trained with the scalers (same
+            optimizer group and lr). The shared templates cannot give one layer of one size a direction of
+            its own; this gives each size a little such freedom (``k * (out + in)`` parameters per matrix)
+            and still folds exactly. It starts at zero (LoRA-style, seeded by ``seed``); scalers that already
+            carry one (fitted before) keep and train it.
         output_dir, checkpoint_every, max_steps: resumable checkpoints, as in ``wave_hf.distill.distill``.
 
     Returns a detached ``Scalers`` for ``WaveInitializer.build(..., scalers=...)``. The head trained with
@@ -184,8 +196,8 @@ def fit_scalers(
     model, _ = _fit(initializer, depth, width, train_dataset, num_heads=num_heads, num_labels=num_labels,
                     id2label=id2label, teacher=teacher, max_images=max_images, steps=steps, batch_size=batch_size,
                     lr=lr, kd_weight=kd_weight, temperature=temperature, train_vectors=train_vectors,
-                    warmup_ratio=warmup_ratio, seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every,
-                    max_steps=max_steps, progress=progress)
+                    lowrank_rank=lowrank_rank, warmup_ratio=warmup_ratio, seed=seed, output_dir=output_dir,
+                    checkpoint_every=checkpoint_every, max_steps=max_steps, progress=progress)
     return _detached(initializer.config, model.wave_source.scalers)
 
 

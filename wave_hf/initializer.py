@@ -123,18 +123,24 @@ class WaveInitializer:
             num_labels=num_labels, id2label=id2label,
         )
 
-    def scalers_for(self, depth: int, width: int, num_heads: int | None = None, seed: int = 0) -> Scalers:
-        """Fitted scalers for this size if the bank has them, else the default init from the auxiliary ones."""
+    def scalers_for(self, depth: int, width: int, num_heads: int | None = None, seed: int = 0,
+                    lowrank_rank: int = 0) -> Scalers:
+        """Fitted scalers for this size if the bank has them, else the default init from the auxiliary ones.
+
+        ``lowrank_rank > 0`` gives scalers that have no low-rank correction one of that rank, starting at
+        exactly zero (``Scalers.with_lowrank``, seeded by ``seed``); fitted scalers that carry one keep it.
+        """
         heads = check_size(self.config, depth, width, num_heads)
         fitted = self.fitted.get((depth, width, heads))
         if fitted is not None:
-            return fitted
-        return Scalers.from_source(self.config, self.bank.aux, depth, width, heads, seed=seed)
+            return fitted.with_lowrank(self.config, lowrank_rank, torch.Generator().manual_seed(seed))
+        return Scalers.from_source(self.config, self.bank.aux, depth, width, heads, seed=seed,
+                                   lowrank_rank=lowrank_rank)
 
     def _resolve_scalers(self, depth: int, width: int, num_heads: int | None, scalers: Scalers | None,
-                         seed: int) -> Scalers:
+                         seed: int, lowrank_rank: int) -> Scalers:
         if scalers is None:
-            return self.scalers_for(depth, width, num_heads, seed)
+            return self.scalers_for(depth, width, num_heads, seed, lowrank_rank)
         if not isinstance(scalers, Scalers):
             raise TypeError(f"scalers must be a Scalers, got {type(scalers).__name__}")
         heads = check_size(self.config, depth, width, num_heads)
@@ -143,13 +149,14 @@ class WaveInitializer:
                 f"scalers are for depth={scalers.depth}, width={scalers.width}, heads={scalers.num_heads}; "
                 f"asked for depth={depth}, width={width}, heads={heads}"
             )
-        return scalers
+        return scalers.with_lowrank(self.config, lowrank_rank, torch.Generator().manual_seed(seed))
 
     def _target(self, depth: int, width: int, num_heads: int | None = None, num_labels: int = 10,
-                id2label: dict[int, str] | None = None, scalers: Scalers | None = None, seed: int = 0):
+                id2label: dict[int, str] | None = None, scalers: Scalers | None = None, seed: int = 0,
+                lowrank_rank: int = 0):
         """Validated ``ViTConfig`` and scalers of a target (shared by ``build`` and ``parametrize``)."""
         vit_config = self.vit_config(depth, width, num_heads, num_labels, id2label)
-        return vit_config, self._resolve_scalers(depth, width, num_heads, scalers, seed), seed
+        return vit_config, self._resolve_scalers(depth, width, num_heads, scalers, seed, lowrank_rank), seed
 
     @torch.no_grad()
     def build(
@@ -161,13 +168,19 @@ class WaveInitializer:
         id2label: dict[int, str] | None = None,
         scalers: Scalers | None = None,
         seed: int = 0,
+        lowrank_rank: int = 0,
     ) -> ViTForImageClassification:
         """A stock ``ViTForImageClassification`` with WAVE weights and a new classifier head.
 
         Built on the meta device and filled with ``load_state_dict(assign=True)``: nothing is randomly
         initialized and then overwritten. ``seed`` fixes the head and any new scaler entries.
+
+        Scalers that carry a low-rank correction (fitted with ``lowrank_rank``) add it to every matrix.
+        ``lowrank_rank`` (int in ``[0, width]``, default 0) gives scalers without one a new correction; it starts
+        at exactly zero, so here it changes no weight (it matters for ``parametrize``, where it trains).
         """
-        vit_config, scalers, seed = self._target(depth, width, num_heads, num_labels, id2label, scalers, seed)
+        vit_config, scalers, seed = self._target(depth, width, num_heads, num_labels, id2label, scalers, seed,
+                                                 lowrank_rank)
         state = assemble(self.config, self.bank.templates, scalers)
         model = vit_layout.empty_classifier(vit_config)
         head_init_(model, seed)
@@ -180,9 +193,12 @@ class WaveInitializer:
                     ) -> ViTForImageClassification:
         """The same model as ``build`` (same arguments), with its encoder computed from frozen templates and
         trainable scalers. Train it (only the scalers and the head have gradients), then ``wave_hf.fold(model)``.
+
+        With ``lowrank_rank=k`` the scalers also hold rank-``k`` factors ``A_l, B_l`` per layer and matrix, whose
+        product is added to the built matrix and starts at zero; ``fold`` bakes it into the plain weights.
         """
         vit_config, scalers, seed = self._target(depth, width, num_heads, **kwargs)
-        trainable = Scalers(self.config, depth, width, scalers.num_heads)
+        trainable = Scalers(self.config, depth, width, scalers.num_heads, scalers.lowrank_rank)
         trainable.load_state_dict(scalers.state_dict())
         return parametrize_vit(self.config, self.bank.templates, trainable, vit_config, seed=seed)
 

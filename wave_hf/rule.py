@@ -1,5 +1,7 @@
 """The assembly rule: (bank templates, size-specific ``Scalers``) -> every encoder tensor of a stock ViT.
 
+A matrix is ``sum_t T_t kron S_{l,t}``, plus ``A_l @ B_l`` when the scalers carry a low-rank correction.
+
 Each tensor has its own small function so that a parametrized model recomputes only what it reads, and
 ``assemble`` is nothing more than all of them in key order.
 """
@@ -28,7 +30,10 @@ def _matrix_rule(name: str, layer: int, a: int) -> TensorRule:
         t = templates[kind]
         if name in _QKV_ROWS:  # slice q/k/v before the product: heads and regions stay whole
             t = t[:, _QKV_ROWS[name] * a : (_QKV_ROWS[name] + 1) * a]
-        return kron_matrix(t, scalers.matrix[kind][layer])
+        weight = kron_matrix(t, scalers.matrix[kind][layer])
+        if scalers.lowrank_rank:  # the per-size correction A_l @ B_l (rank 0: no op at all, today's bits)
+            weight = weight + scalers.lowrank_a[name][layer] @ scalers.lowrank_b[name][layer]
+        return weight
 
     return rule
 

@@ -1,12 +1,17 @@
 """``Scalers``: everything size-specific that turns shared templates into one (depth, width) ViT.
 
 Depth sets how many per-layer sets there are; width sets their shape (``r = width / template_width``).
-Three groups, all small:
+Three groups, all small, and an optional fourth:
 
 * ``matrix[type]`` ``(L, N, r, r)``: the Kronecker coefficients of the qkv, o, fc1 and fc2 templates;
 * ``vector_scalers[kind]`` ``(L, J, r)`` or ``(J, r)``: coefficients of the vector templates;
 * ``vectors[kind]`` ``(L, J, E, A)`` or ``(J, E, A)``: the vector templates themselves (biases, LayerNorms,
-  patch/position embeddings, CLS) at template width, resampled to this depth.
+  patch/position embeddings, CLS) at template width, resampled to this depth;
+* ``lowrank_a[name]`` ``(L, out, k)`` and ``lowrank_b[name]`` ``(L, k, in)``, only when ``lowrank_rank = k > 0``:
+  a per-layer low-rank correction ``A_l @ B_l`` added to each built matrix (q, k, v, o, fc1, fc2). The shared
+  templates span the same few directions in every layer and every size; the correction gives each size a
+  little per-layer freedom they cannot express, and it is still a plain matrix sum, so it folds exactly and
+  the output stays a stock ViT. At rank 0 (the default) nothing of it exists: no tensors, no file entries.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import vit_layout
 from .configuration_wave import WaveTemplateConfig
 from .kronecker import interpolate_depth, random_orthogonal, resize_ratio
 
@@ -82,12 +88,38 @@ def check_size(config: WaveTemplateConfig, depth: int, width: int, num_heads: in
     return num_heads
 
 
-class Scalers(nn.Module):
-    """The size-specific parameters of one target; see the module docstring for the three groups."""
+def check_lowrank_rank(rank: int, width: int) -> int:
+    """Validate a low-rank correction rank for a target of this width: an int in ``[0, width]``.
 
-    def __init__(self, config: WaveTemplateConfig, depth: int, width: int, num_heads: int | None = None):
+    ``width`` is ``min(out, in)`` of the target's smallest matrices (q, k, v, o are ``width x width``).
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= width:
+        raise ValueError(
+            f"lowrank_rank must be an int in [0, {width}] (0 is off; {width} = min(out, in) of the smallest "
+            f"matrix at width {width}), got {rank!r}"
+        )
+    return rank
+
+
+def matrix_shapes(config: WaveTemplateConfig, width: int) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of each per-layer matrix of a target of this width, by its short name (q, k, ... fc2)."""
+    hidden = config.mlp_ratio * width
+    shapes = {"fc1": (hidden, width), "fc2": (width, hidden)}
+    return {name: shapes.get(name, (width, width)) for name in vit_layout.LAYER_MATRICES}
+
+
+class Scalers(nn.Module):
+    """The size-specific parameters of one target; see the module docstring for the groups.
+
+    ``lowrank_rank`` (default 0: off) adds the per-layer low-rank correction factors, created as zeros
+    here; ``from_source`` and ``with_lowrank`` start them so that the correction is exactly zero.
+    """
+
+    def __init__(self, config: WaveTemplateConfig, depth: int, width: int, num_heads: int | None = None,
+                 lowrank_rank: int = 0):
         super().__init__()
         self.num_heads = check_size(config, depth, width, num_heads)
+        self.lowrank_rank = check_lowrank_rank(lowrank_rank, width)
         self.depth, self.width = depth, width
         self.ratio = width // config.template_width
         self.template_width = config.template_width
@@ -99,9 +131,16 @@ class Scalers(nn.Module):
             lead = (depth,) if kind.per_layer else ()
             self.vector_scalers[name] = nn.Parameter(torch.zeros(*lead, j, r))
             self.vectors[name] = nn.Parameter(torch.zeros(*lead, j, kind.extra, a * kind.unit_multiple))
+        self.lowrank_a = nn.ParameterDict()  # empty at rank 0
+        self.lowrank_b = nn.ParameterDict()
+        if lowrank_rank:
+            for name, (rows, cols) in matrix_shapes(config, width).items():
+                self.lowrank_a[name] = nn.Parameter(torch.zeros(depth, rows, lowrank_rank))
+                self.lowrank_b[name] = nn.Parameter(torch.zeros(depth, lowrank_rank, cols))
 
     def extra_repr(self) -> str:
-        return f"depth={self.depth}, width={self.width}, num_heads={self.num_heads}, r={self.ratio}"
+        text = f"depth={self.depth}, width={self.width}, num_heads={self.num_heads}, r={self.ratio}"
+        return f"{text}, lowrank_rank={self.lowrank_rank}" if self.lowrank_rank else text
 
     # ----------------------------------------------------------------------------------------- init
     @torch.no_grad()
@@ -131,6 +170,39 @@ class Scalers(nn.Module):
                 vec.zero_()
         return self
 
+    @torch.no_grad()
+    def _start_lowrank(self, generator: torch.Generator | None) -> None:
+        """LoRA's start for new factors: ``A`` keeps the zeros ``__init__`` made, and
+        ``B ~ U(-1/sqrt(in), 1/sqrt(in))`` (LoRA's kaiming-uniform with ``a = sqrt(5)``).
+
+        The correction ``A @ B`` is then exactly zero, so the built weights are unchanged, while ``A`` still
+        gets a gradient through the random ``B``.
+        """
+        for b in self.lowrank_b.values():
+            bound = b.shape[-1] ** -0.5
+            b.uniform_(-bound, bound, generator=generator)
+
+    def with_lowrank(self, config: WaveTemplateConfig, rank: int,
+                     generator: torch.Generator | None = None) -> Scalers:
+        """These scalers with a rank-``rank`` low-rank correction that starts at exactly zero.
+
+        Returns ``self`` when ``rank`` is 0 or the correction they carry already has that rank (fitted factors
+        are kept), else a copy with new factors drawn from ``generator``. Replacing a correction of another
+        non-zero rank would silently change the weights, so that raises.
+        """
+        rank = check_lowrank_rank(rank, self.width)
+        if rank in (0, self.lowrank_rank):
+            return self
+        if self.lowrank_rank:
+            raise ValueError(
+                f"these scalers carry a rank-{self.lowrank_rank} low-rank correction; lowrank_rank={rank} would "
+                f"replace it (accepted: 0 or {self.lowrank_rank})"
+            )
+        out = Scalers(config, self.depth, self.width, self.num_heads, rank)
+        out.load_state_dict({**out.state_dict(), **self.state_dict()})
+        out._start_lowrank(generator)
+        return out
+
     @classmethod
     @torch.no_grad()
     def from_source(
@@ -141,10 +213,15 @@ class Scalers(nn.Module):
         width: int,
         num_heads: int | None = None,
         seed: int = 0,
+        lowrank_rank: int = 0,
     ) -> Scalers:
         """Default init for a new size: resample ``source`` (e.g. the auxiliary scalers) by relative depth,
-        then crop or pad the ratio (docs/wave.md section 5 item 6, with the section 8 fix)."""
-        out = cls(config, depth, width, num_heads)
+        then crop or pad the ratio (docs/wave.md section 5 item 6, with the section 8 fix).
+
+        With ``lowrank_rank > 0`` the correction factors start at a zero product (``_start_lowrank``), drawn
+        after the padding from the same seeded generator; rank 0 draws nothing, so the bits are unchanged.
+        """
+        out = cls(config, depth, width, num_heads, lowrank_rank)
         gen = torch.Generator().manual_seed(seed)
         for t in MATRIX_TYPES:
             out.matrix[t].copy_(resize_ratio(interpolate_depth(source.matrix[t], depth), out.ratio, 2, gen))
@@ -154,14 +231,17 @@ class Scalers(nn.Module):
                 s, v = interpolate_depth(s, depth), interpolate_depth(v, depth)
             out.vector_scalers[name].copy_(resize_ratio(s, out.ratio, 1, gen))
             out.vectors[name].copy_(v)
+        out._start_lowrank(gen)
         return out
 
     # ------------------------------------------------------------------------------------------ I/O
     def save(self, path: str | os.PathLike) -> None:
-        """Write one safetensors file (atomically), with the size in its metadata."""
+        """Write one safetensors file (atomically), with the size (and any low-rank rank) in its metadata."""
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT, "depth": str(self.depth), "width": str(self.width),
                 "num_heads": str(self.num_heads), "template_width": str(self.template_width)}
+        if self.lowrank_rank:  # rank 0 writes exactly the files written before the correction existed
+            meta["lowrank_rank"] = str(self.lowrank_rank)
         path = os.fspath(path)
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
@@ -173,7 +253,10 @@ class Scalers(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, config: WaveTemplateConfig) -> Scalers:
-        """Read a file written by ``save`` and check every tensor against the bank's config."""
+        """Read a file written by ``save`` and check every tensor against the bank's config.
+
+        A file without ``lowrank_rank`` metadata (all files written before the correction existed) has rank 0.
+        """
         from safetensors import safe_open
 
         path = os.fspath(path)
@@ -187,7 +270,8 @@ class Scalers(nn.Module):
             raise OSError(f"{path} is not a readable safetensors file ({err})") from err
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a wave-hf scalers file (format={meta.get('format')!r})")
-        out = cls(config, int(meta["depth"]), int(meta["width"]), int(meta["num_heads"]))
+        out = cls(config, int(meta["depth"]), int(meta["width"]), int(meta["num_heads"]),
+                  int(meta.get("lowrank_rank", "0")))
         expected = out.state_dict()
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or extra:
