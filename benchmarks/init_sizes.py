@@ -2,7 +2,8 @@
 
     python benchmarks/init_sizes.py --quick          # smoke run, < 15 min on 2 cores -> init_sizes.quick.*
     python benchmarks/init_sizes.py                  # the full grid (~40 min)       -> init_sizes.{json,md,png}
-    python benchmarks/init_sizes.py --ablation-only  # issue 8 levers, 3 seeds       -> init_ablation.{json,md}
+    python benchmarks/init_sizes.py --ablation-only --ablation-banks N4=PATH ...  # issue 8 levers, 3 seeds
+                                                     #                                 -> init_ablation.{json,md}
 
 Inputs (reused from the caches, never retrained here): the ancestry teacher
 (``$WAVE_HF_CACHE/ancestry/fmnist-vit-12x192-p7``, made by ``benchmarks/train_ancestry.py``) and the default
@@ -59,6 +60,7 @@ class Budget:
     fit_batch: int
     seed: int = 0
     regimes: list[str] = field(default_factory=lambda: list(REGIMES))
+    wave_fit_kw: dict[str, Any] = field(default_factory=dict)  # extra fit options for WAVE only (e.g. lowrank_rank)
 
 
 FULL = Budget(sizes=[(2, 64), (4, 64), (12, 64), (6, 128), (2, 192), (12, 192), (2, 256), (4, 256)],
@@ -253,6 +255,7 @@ def run_method(method: str, regime: str, depth: int, width: int, budget: Budget,
     fitting = method in ("wave_fitted", "weight_selection_matched")
     if fitting:
         kw.update(steps=budget.fit_steps, max_images=budget.fit_images, batch_size=budget.fit_batch, distill=distill)
+        kw.update(budget.wave_fit_kw if method == "wave_fitted" else {})
         kw.update(fit_kw or {})
     if method == "wave_fitted":
         kw["progress"] = False
@@ -283,31 +286,21 @@ def run_method(method: str, regime: str, depth: int, width: int, budget: Budget,
     return row
 
 
-def run_cell(job: tuple[str, int, int, Budget]) -> list[dict[str, Any]]:
-    """Every method on one (regime, size)."""
-    from wave_hf.baselines import INIT_METHODS
-
-    regime, depth, width, budget = job
-    rows = []
-    for method in INIT_METHODS:
-        row = run_method(method, regime, depth, width, budget, seed=budget.seed)
-        rows.append(row)
-        if row["na"]:
-            print(f"[{regime} {depth}x{width}] {method}: n/a", flush=True)
-        else:
-            print(f"[{regime} {depth}x{width}] {method}: start {100 * row['acc_init']:.1f} -> "
-                  f"{100 * row['acc']:.1f} ({row['seconds']:.0f}s)", flush=True)
-    return rows
+def run_cell(job: tuple[str, int, int, Budget, str]) -> dict[str, Any]:
+    """One method on one (regime, size): one job each, so a large size's methods run side by side."""
+    regime, depth, width, budget, method = job
+    row = run_method(method, regime, depth, width, budget, seed=budget.seed)
+    if row["na"]:
+        print(f"[{regime} {depth}x{width}] {method}: n/a", flush=True)
+    else:
+        print(f"[{regime} {depth}x{width}] {method}: start {100 * row['acc_init']:.1f} -> "
+              f"{100 * row['acc']:.1f} ({row['seconds']:.0f}s)", flush=True)
+    return row
 
 
 def _cell_cost(job: tuple) -> float:
     """Rough cost of a job for largest-first scheduling: depth x width^2 (17 tokens) plus a fixed overhead."""
-    if len(job) == 4:  # main grid cell
-        depth, width = job[1], job[2]
-    elif len(job) == 9:  # ablation run
-        depth, width = job[5], job[6]
-    else:  # stage-1 variant: a 12 x 192 model for many steps
-        return 1e9
+    depth, width = (job[1], job[2]) if len(job) == 5 else (job[5], job[6])  # main grid / ablation
     return depth * width * width + 8000
 
 
@@ -453,9 +446,7 @@ def _rss_over_grid(bank: str, sizes: list[tuple[int, int]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ ablation
-SHORT_BANKS = {"N=6, teacher init": (6, "teacher"), "N=4, teacher init": (4, "teacher"),
-               "N=8, teacher init": (8, "teacher"), "N=6, scratch init": (6, "scratch")}
-REFERENCE_BANK = "N=6, teacher init"
+LOWRANK_RANK = 4  # the per-size low-rank correction's rank in the ablation
 
 
 def _ablation_job(job: tuple[str, str, dict, bool, str, int, int, int, Budget]) -> dict[str, Any]:
@@ -467,73 +458,39 @@ def _ablation_job(job: tuple[str, str, dict, bool, str, int, int, int, Budget]) 
     return row
 
 
-def _distill_job(job: tuple[str, str, int, str, int]) -> str:
-    teacher_dir, out, num_templates, init, steps = job
-    t0 = time.perf_counter()
-    folder = distill_variant(teacher_dir, Path(out), num_templates=num_templates, init=init, steps=steps)
-    print(f"[ablation] stage 1 N={num_templates} {init}: {time.perf_counter() - t0:.0f}s", flush=True)
-    return folder
+def has_lowrank() -> bool:
+    """Whether ``wave_hf.fit`` offers the per-size low-rank correction (issue 8 item 4)."""
+    import inspect
+
+    from wave_hf.fit import fit_scalers
+
+    return "lowrank_rank" in inspect.signature(fit_scalers).parameters
 
 
-def distill_variant(teacher_dir: str, out: Path, *, num_templates: int, init: str, steps: int, seed: int = 0) -> str:
-    """A short stage 1 for one ablation variant (cached in ``out``); returns the bank folder."""
-    if (out / "model.safetensors").is_file():
-        return str(out)
-    from wave_hf import WaveInitializer
-    from wave_hf.data import load_image_dataset
-    from wave_hf.distill import config_from_teacher, distill, load_teacher
+def run_ablation(teacher_dir: str, budget: Budget, workers: int, bank: str,
+                 extra_banks: dict[str, str]) -> dict[str, Any]:
+    """One row per lever (on/off) at sizes <= 6x128, 3 seeds, on the main grid's fit and fine-tune budgets.
 
-    teacher = load_teacher(teacher_dir)
-    data = load_image_dataset("fashion_mnist", image_size=28, num_channels=1, train_limit=10000, test_limit=2000,
-                              seed=seed)
-    train, test = TensorImages.from_split(data["train"]), TensorImages.from_split(data["test"])
-    config = config_from_teacher(teacher, num_templates=num_templates)
-    bank = distill(teacher, train, config=config, init=init, steps=steps, eval_dataset=test,
-                   dataset_name="fashion_mnist", seed=seed, progress=False)
-    WaveInitializer(bank).save_pretrained(out)
-    return str(out)
-
-
-def run_ablation(teacher_dir: str, budget: Budget, workers: int, stage1_steps: int, levers: Sequence[str],
-                 default_bank: str | None) -> dict[str, Any]:
-    """One row per lever (on/off) at sizes <= 6x128, 3 seeds; the main grid's fit and fine-tune budgets.
-
-    Every variant bank gets the same short stage 1 (``stage1_steps``) from the ancestry, so the ablation needs
-    no shipped bank and its rows compare like with like; the reference is N=6 with the teacher-init stage 1.
-    When the default bank exists, three rows repeat the defaults, train_vectors off and the start-aware LR on
-    it (full stage 1), so the levers are also measured on the bank users get.
+    The reference is ``bank`` (the shipped default unless --bank) with the fit's defaults. Capacity (templates
+    N, template width D_T) and stage-1 length are levers of the *bank*: each variant is a bank distilled
+    beforehand (``benchmarks/distill_default_bank.py --num-templates N --template-width D --steps S``) and
+    passed as ``--ablation-banks LABEL=PATH``, so this script never retrains a stage 1.
     """
-    variants_dir = cache_dir() / "ablation_banks"
-    names = [REFERENCE_BANK] + ([n for n in SHORT_BANKS if n != REFERENCE_BANK] if "stage1" in levers else [])
-    jobs = [(teacher_dir, str(variants_dir / f"n{SHORT_BANKS[n][0]}-{SHORT_BANKS[n][1]}-{stage1_steps}"),
-             *SHORT_BANKS[n], stage1_steps) for n in names]
-    banks = dict(zip(names, run_parallel(_distill_job, jobs, workers, teacher_dir, "default")))
-    ref = banks[REFERENCE_BANK]
     rows_spec: list[tuple[str, str, dict, bool, str]] = [
-        ("reference: WAVE fitted (N=6, teacher-init stage 1, train_vectors, constant LR)", ref, {}, False,
-         "wave_fitted"),
-        ("budget-matched Weight Selection (constant LR)", ref, {}, False, "weight_selection_matched"),
+        ("reference: WAVE fitted (bank defaults)", bank, {}, False, "wave_fitted"),
+        ("budget-matched Weight Selection", bank, {}, False, "weight_selection_matched"),
+        ("plain Weight Selection", bank, {}, False, "weight_selection"),
+        ("train_vectors off", bank, {"train_vectors": False}, False, "wave_fitted"),
     ]
-    if "train_vectors" in levers:
-        rows_spec.append(("train_vectors off", ref, {"train_vectors": False}, False, "wave_fitted"))
-    if "lr_rule" in levers:
-        rows_spec += [("start-aware fine-tune LR: WAVE fitted", ref, {}, True, "wave_fitted"),
-                      ("start-aware fine-tune LR: matched WS", ref, {}, True, "weight_selection_matched")]
-    if "stage1" in levers:
-        for name in names[1:]:
-            rows_spec.append((f"stage 1 {name}", banks[name], {}, False, "wave_fitted"))
-    if default_bank is not None:  # the shipped bank (full stage 1): the same defaults and levers on it
-        banks["default bank (full stage 1)"] = default_bank
-        rows_spec.append(("default bank (full stage 1): WAVE fitted, defaults", default_bank, {}, False,
-                          "wave_fitted"))
-        if "train_vectors" in levers:
-            rows_spec.append(("default bank: train_vectors off", default_bank, {"train_vectors": False}, False,
-                              "wave_fitted"))
-        if "lr_rule" in levers:
-            rows_spec.append(("default bank: start-aware fine-tune LR", default_bank, {}, True, "wave_fitted"))
+    if has_lowrank():
+        rows_spec.append((f"low-rank correction on (rank {LOWRANK_RANK})", bank, {"lowrank_rank": LOWRANK_RANK},
+                          False, "wave_fitted"))
+    rows_spec += [("start-aware fine-tune LR: WAVE fitted", bank, {}, True, "wave_fitted"),
+                  ("start-aware fine-tune LR: matched WS", bank, {}, True, "weight_selection_matched")]
+    rows_spec += [(f"bank {label}", path, {}, False, "wave_fitted") for label, path in extra_banks.items()]
     jobs = [(lever, b, kw, rule, method, d, w, seed, budget) for (lever, b, kw, rule, method) in rows_spec
             for (d, w) in ABLATION_SIZES for seed in ABLATION_SEEDS]
-    rows = run_parallel(_ablation_job, jobs, workers, teacher_dir, ref)
+    rows = run_parallel(_ablation_job, jobs, workers, teacher_dir, bank)
     summary = []
     for lever, _, _, _, method in rows_spec:
         for d, w in ABLATION_SIZES:
@@ -544,15 +501,17 @@ def run_ablation(teacher_dir: str, budget: Budget, workers: int, stage1_steps: i
                             "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                             "start_mean": statistics.mean(starts), "accs": accs})
     bank_metrics = {}
-    _setup_worker(teacher_dir, ref, 1)
-    for name, folder in banks.items():
+    _setup_worker(teacher_dir, bank, 1)
+    for name, folder in {"reference": bank, **extra_banks}.items():
         init = _initializer(folder)
-        bank_metrics[name] = {"folder": folder, "num_templates": init.config.num_templates,
+        c = init.config
+        aux_matrices = c.aux_depth * (4 + 2 * c.mlp_ratio) * c.aux_width ** 2
+        bank_metrics[name] = {"folder": folder, "num_templates": c.num_templates, "template_width": c.template_width,
                               "template_parameters": init.bank.num_template_parameters,
-                              "metrics": init.config.metrics}
-    return {"rows": rows, "summary": summary, "banks": bank_metrics, "stage1_steps": stage1_steps,
-            "levers_run": list(levers), "seeds": ABLATION_SEEDS, "sizes": [f"{d}x{w}" for d, w in ABLATION_SIZES],
-            "budget": asdict(budget)}
+                              "template_share": init.bank.num_template_parameters / aux_matrices,
+                              "metrics": c.metrics}
+    return {"rows": rows, "summary": summary, "banks": bank_metrics, "lowrank_rank": LOWRANK_RANK,
+            "seeds": ABLATION_SEEDS, "sizes": [f"{d}x{w}" for d, w in ABLATION_SIZES], "budget": asdict(budget)}
 
 
 # ------------------------------------------------------------------------------------------- reports
@@ -589,7 +548,8 @@ def write_main(result: dict[str, Any], stem: str) -> None:
         f"Same for every method: fine-tune 1 epoch x {b['ft_images']} images (stock `Trainer`, AdamW lr "
         f"{b['ft_lr']}, cosine, batch 64, seed {b['seed']}); accuracy on {b['test_images']} test images "
         f"(start: first {b['init_test_images']}). Fitting methods (WAVE fitted, matched WS): {b['fit_steps']} steps "
-        f"x batch {b['fit_batch']} on {b['fit_images']} of the fine-tune images, charged in images seen. "
+        f"x batch {b['fit_batch']} on {b['fit_images']} of the fine-tune images, charged in images seen"
+        f"{'; WAVE fit options ' + str(b['wave_fit_kw']) if b.get('wave_fit_kw') else ''}. "
         "Start accuracy of methods with a new head is chance (~10%).",
         f"Machine: {result['machine']}; {result['workers']} worker process(es), 1 torch thread each; wall "
         f"{result['wall_minutes']:.1f} min.", "",
@@ -687,9 +647,9 @@ def write_ablation(result: dict[str, Any]) -> None:
              f"Sizes {', '.join(result['sizes'])}; seeds {result['seeds']}. Same budgets as the main grid: fit "
              f"{b['fit_steps']} steps x batch {b['fit_batch']} on {b['fit_images']} images, fine-tune 1 epoch x "
              f"{b['ft_images']} images (lr {b['ft_lr']} unless the start-aware rule is on), test on "
-             f"{b['test_images']} images. Variant banks: the same short stage 1 ({result['stage1_steps']} steps x "
-             "batch 64 from the ancestry) for each. Cells: accuracy % after fine-tuning, mean over seeds "
-             "(spread = max - min) [mean accuracy of the start, before fine-tuning].", "",
+             f"{b['test_images']} images. Cells: accuracy % after fine-tuning, mean over seeds "
+             "(spread = max - min) [mean accuracy of the start, before fine-tuning]. "
+             f"Machine: {result.get('machine', '?')}.", "",
              "| lever | " + " | ".join(f"{s}" for s in result["sizes"]) + " |",
              "|---|" + "---|" * len(result["sizes"])]
     for lever in dict.fromkeys(r["lever"] for r in result["summary"]):
@@ -698,12 +658,16 @@ def write_ablation(result: dict[str, Any]) -> None:
             s = next(x for x in result["summary"] if x["lever"] == lever and x["size"] == size)
             cells.append(f"{100 * s['mean']:.2f} ({100 * s['spread']:.2f}) [{100 * s['start_mean']:.1f}]")
         lines.append(f"| {lever} | " + " | ".join(cells) + " |")
-    lines += ["", "Banks (stage-1 metrics recorded in each bank's config):", ""]
+    lines += ["", "## Banks: capacity and stage-1 length", "",
+              "Auxiliary-model test accuracy after stage 1 (the bank's own record), against the ancestry's.", "",
+              "| bank | N | D_T | template params | share of the teacher's matrices | stage-1 steps x batch "
+              "| auxiliary model | teacher |", "|---|---|---|---|---|---|---|---|"]
     for name, bank in result["banks"].items():
         m = bank["metrics"] or {}
-        lines.append(f"- {name}: {bank['template_parameters']:,} template params; auxiliary model accuracy "
-                     f"{m.get('aux_accuracy')} vs teacher {m.get('teacher_accuracy')} (stage-1 steps "
-                     f"{m.get('distill_steps')}, init {m.get('distill_init')})")
+        lines.append(f"| {name} | {bank['num_templates']} | {bank['template_width']} | "
+                     f"{bank['template_parameters']:,} | {100 * bank['template_share']:.1f}% | "
+                     f"{m.get('distill_steps')} x {m.get('distill_batch_size')} | {_fmt(m.get('aux_accuracy'))} | "
+                     f"{_fmt(m.get('teacher_accuracy'))} |")
     lines += ["", "## Not run", "", *result.get("not_run", []), ""]
     (RESULTS / "init_ablation.md").write_text("\n".join(lines))
     (RESULTS / "init_ablation.json").write_text(json.dumps(result, indent=2, default=str))
@@ -715,27 +679,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 sizes, tiny budgets (< 15 min); init_sizes.quick.*")
     parser.add_argument("--ablation", action="store_true", help="also run the issue 8 ablation")
     parser.add_argument("--ablation-only", action="store_true", help="only the ablation")
-    parser.add_argument("--levers", nargs="+", default=["train_vectors", "lr_rule", "stage1"],
-                        choices=["train_vectors", "lr_rule", "stage1"])
-    parser.add_argument("--stage1-steps", type=int, default=150, help="stage-1 steps of the ablation's variant banks")
+    parser.add_argument("--ablation-banks", nargs="*", default=[], metavar="LABEL=PATH",
+                        help="variant banks (capacity, stage-1 length) to compare against --bank in the ablation")
     parser.add_argument("--workers", type=int, default=2, help="processes (1 torch thread each)")
     parser.add_argument("--teacher", default=None, help=f"ancestry folder (default $WAVE_HF_CACHE/ancestry/{ANCESTRY})")
     parser.add_argument("--bank", default=None, help="template bank folder (default: the embedded default bank)")
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--no-speed", action="store_true", help="skip the speed and scale section")
+    parser.add_argument("--lowrank-rank", type=int, default=0,
+                        help="main grid: WAVE's fit also trains a per-size low-rank correction of this rank")
     args = parser.parse_args(argv)
 
     teacher_dir = str(teacher_path(args.teacher))
     bank = None if args.ablation_only else bank_path(args.bank)
     budget = QUICK if args.quick else FULL
     budget.regimes = list(args.regimes)
+    if args.lowrank_rank:
+        budget.wave_fit_kw = {"lowrank_rank": args.lowrank_rank}
     RESULTS.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     start = time.perf_counter()
 
     if not args.ablation_only:
-        jobs = [(regime, d, w, budget) for regime in budget.regimes for d, w in budget.sizes]
-        rows = [r for cell in run_parallel(run_cell, jobs, args.workers, teacher_dir, bank) for r in cell]
+        from wave_hf.baselines import INIT_METHODS
+
+        jobs = [(regime, d, w, budget, method) for regime in budget.regimes for d, w in budget.sizes
+                for method in INIT_METHODS]
+        rows = run_parallel(run_cell, jobs, args.workers, teacher_dir, bank)
         _setup_worker(teacher_dir, bank, 1)
         teacher = _teacher()
         from wave_hf.train import evaluate
@@ -762,13 +732,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print((RESULTS / ("init_sizes.quick.md" if args.quick else "init_sizes.md")).read_text())
 
     if args.ablation or args.ablation_only:
-        try:
-            default_bank = bank_path(args.bank)
-        except SystemExit:
-            default_bank = None
-        abl = run_ablation(teacher_dir, QUICK if args.quick else FULL, args.workers, args.stage1_steps, args.levers,
-                           default_bank)
-        abl["not_run"] = ablation_not_run(args.levers)
+        extra = {}
+        for item in args.ablation_banks:
+            label, sep, path = item.partition("=")
+            if not sep or not label or not (Path(path) / "config.json").is_file():
+                raise SystemExit(f"--ablation-banks takes LABEL=PATH with a bank folder at PATH, got {item!r}")
+            extra[label] = path
+        abl = run_ablation(teacher_dir, QUICK if args.quick else FULL, args.workers, bank_path(args.bank), extra)
+        abl["machine"] = machine
+        abl["not_run"] = ablation_not_run(extra)
         write_ablation(abl)
         print((RESULTS / "init_ablation.md").read_text())
     print(f"total {(time.perf_counter() - start) / 60:.1f} min", flush=True)
@@ -803,13 +775,12 @@ def notes(result: dict[str, Any]) -> list[str]:
     return out
 
 
-def ablation_not_run(levers: Sequence[str]) -> list[str]:
-    out = ["- Template width D_T in {32, 64} and a stage-1 length sweep (issue 8 item 3): each value needs its own "
-           "stage-1 run; only short (variant banks) vs full (default bank, when present) was compared.",
-           "- Per-size low-rank corrections folded into the weights (issue 8 item 4): not in `wave_hf.fit` yet.",
-           "- Sizes above 6x128 and a second regime: not in this CPU budget (issue 8 asks for <= 6x128)."]
-    if "stage1" not in levers:
-        out.append("- Templates N in {4,6,8} and teacher-init vs scratch stage 1 (needs a stage-1 run per variant).")
+def ablation_not_run(extra_banks: dict[str, str]) -> list[str]:
+    out = ["- Sizes above 6x128 and the transfer regime: issue 8 asks for <= 6x128 on the teacher's task."]
+    if not has_lowrank():
+        out.append("- Per-size low-rank correction: `wave_hf.fit.fit_scalers` has no `lowrank_rank` here.")
+    if not extra_banks:
+        out.append("- Capacity (N, D_T) and stage-1 length: no variant banks were passed (--ablation-banks).")
     return out
 
 

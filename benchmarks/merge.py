@@ -128,20 +128,22 @@ def md_table(rows: list[dict]) -> str:
 
 
 def comparison_lines(rows: list[dict]) -> list[str]:
+    """One line per FS-Merge variant and (N, images): its margin over every other method."""
     out = []
     for (n, k) in sorted({(r["n"], r["images_per_task"]) for r in rows}):
         group = {r["method"]: r for r in rows if r["n"] == n and r["images_per_task"] == k}
-        if "fs_merge" not in group:
-            continue
-        fs = group["fs_merge"]["avg_acc"]
-        parts = []
-        for m, r in group.items():
-            if m == "fs_merge":
+        for name, ours in group.items():
+            if not name.startswith("fs_merge"):
                 continue
-            diff = 100 * (fs - r["avg_acc"])
-            verdict = "wins" if diff > 0 else "loses"
-            parts.append(f"{verdict} vs {m} by {diff:+.1f} pts (x{fs / max(r['avg_acc'], 1e-9):.2f})")
-        out.append(f"- N={n}, {k} images/task: FS-Merge avg acc {fs:.4f}; " + "; ".join(parts))
+            fs = ours["avg_acc"]
+            parts = []
+            for m, r in group.items():
+                if m.startswith("fs_merge"):
+                    continue
+                diff = 100 * (fs - r["avg_acc"])
+                verdict = "wins" if diff > 0 else "loses"
+                parts.append(f"{verdict} vs {m} by {diff:+.1f} pts (x{fs / max(r['avg_acc'], 1e-9):.2f})")
+            out.append(f"- N={n}, {k} images/task: {name} avg acc {fs:.4f}; " + "; ".join(parts))
     return out
 
 
@@ -154,7 +156,7 @@ def plot(rows: list[dict], path: Path) -> None:
     sizes = sorted({r["images_per_task"] for r in rows})
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), sharey=True, squeeze=False)
     for ax, k in zip(axes[0], sizes):
-        for m in METHODS:
+        for m in dict.fromkeys(r["method"] for r in rows):
             pts = sorted((r["n"], r["avg_acc"]) for r in rows if r["method"] == m and r["images_per_task"] == k)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if m == "ensemble" else "-")
@@ -185,6 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default="merge", help="results file stem")
     p.add_argument("--init", default="first", choices=["first", "average"], help="FS-Merge init")
+    p.add_argument("--label", default=None, help="suffix for this run's method names, e.g. r8 -> fs_merge[r8]")
     p.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
                    help="only re-render: join the rows of runs split over processes into --out/--name")
     args = p.parse_args(argv)
@@ -238,7 +241,9 @@ def main(argv=None) -> int:
                             augment_copies=math.ceil(args.aug_per_task / k), seed=0, **kw)
                 wall = time.perf_counter() - t
                 ev = evaluate(res, tests[:n])
-                row = {"n": n, "images_per_task": k, "method": method, **ev, "wall_s": wall,
+                label = f"{method}[{args.label}]" if args.label else method
+                row = {"n": n, "images_per_task": k, "method": label, **ev, "wall_s": wall,
+                       "rank": args.rank if method == "fs_merge" else None, "epochs": kw.get("epochs"),
                        "trainable_params": int(res.metadata.get("trainable_parameters", 0)),
                        "single_model": res.is_single_model,
                        "loss_before": res.metadata.get("loss_before"), "loss_after": res.metadata.get("loss_after")}
@@ -257,7 +262,7 @@ def main(argv=None) -> int:
 def combine(args) -> int:
     """Join runs that split the (N, images, method) grid over processes (same settings, one table)."""
     runs = [json.loads(path.read_text()) for path in args.combine]
-    keys = ("epochs", "rank", "lr", "kd_lr", "init", "source_steps", "test_limit", "aug_per_task")
+    keys = ("lr", "kd_lr", "init", "source_steps", "test_limit", "aug_per_task")  # rank, epochs: per row
     for path, run in zip(args.combine[1:], runs[1:]):
         diff = {k: (runs[0]["meta"].get(k), run["meta"].get(k)) for k in keys
                 if run["meta"].get(k) != runs[0]["meta"].get(k)}
@@ -265,7 +270,8 @@ def combine(args) -> int:
             raise SystemExit(f"{path}: settings differ from {args.combine[0]}: {diff}")
     order = {m: i for i, m in enumerate(METHODS)}
     rows = sorted((r for run in runs for r in run["rows"]),
-                  key=lambda r: (r["n"], r["images_per_task"], order.get(r["method"], len(order))))
+                  key=lambda r: (r["n"], r["images_per_task"], order.get(r["method"].split("[")[0], len(order)),
+                                 r["method"]))
     meta = dict(runs[0]["meta"], processes=len(runs),
                 total_wall_s=max(run["meta"]["total_wall_s"] for run in runs))
     meta["source_test_acc"] = max((run["meta"]["source_test_acc"] for run in runs), key=len)
