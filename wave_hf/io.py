@@ -30,6 +30,9 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the published folder gets the usual permissions
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{os.getpid()}"
