@@ -22,6 +22,7 @@ Writes ``benchmarks/results/pipeline.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import sys
@@ -141,7 +142,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     lines += [
         "## Stage 2: per target size, right after the fit",
         "",
-        f"Fit: {f['max_images']} training images, {f['steps']} steps x batch {f['batch_size']}, lr {f['lr']}, "
+        f"Fit: {f['max_images']} training images, {f['steps']} steps x batch {f['batch_size']}, lr {f['lr']} "
+        f"(vector templates {f.get('vectors_lr', f['lr'])}), "
         "CE + KD from the ancestry; scalers, vector templates and head train, templates frozen. `default` and "
         "`random` get a linear probe (head only) on the same images and steps.",
         "",
@@ -232,8 +234,12 @@ def main() -> None:
     }
 
     subset = seeded_subset(train, args.fit_images, args.seed)
-    fit_kw = dict(max_images=args.fit_images, steps=args.fit_steps, batch_size=64, lr=1e-3, seed=args.seed)
-    res["fit"] = {**fit_kw, "kd": "ancestry, kd_weight 1.0"}
+    fit_kw = dict(max_images=args.fit_images, steps=args.fit_steps, batch_size=64, seed=args.seed)  # lrs: fit's defaults
+    from wave_hf.fit import fit_scalers
+
+    lrs = {k: inspect.signature(fit_scalers).parameters[k].default for k in ("lr", "vectors_lr")}
+    res["fit"] = {**fit_kw, "lr": lrs["lr"], "vectors_lr": lrs["vectors_lr"] or lrs["lr"] / 10,
+                  "kd": "ancestry, kd_weight 1.0"}
     res["sizes"] = []
     id2label = dict(enumerate(train.features["label"].names))
     for text in filter(None, args.sizes.split(",")):  # --sizes "": distil only

@@ -468,7 +468,7 @@ def has_lowrank() -> bool:
 
 
 def run_ablation(teacher_dir: str, budget: Budget, workers: int, bank: str,
-                 extra_banks: dict[str, str]) -> dict[str, Any]:
+                 extra_banks: dict[str, str], lr_rule: bool = True) -> dict[str, Any]:
     """One row per lever (on/off) at sizes <= 6x128, 3 seeds, on the main grid's fit and fine-tune budgets.
 
     The reference is ``bank`` (the shipped default unless --bank) with the fit's defaults. Capacity (templates
@@ -479,14 +479,16 @@ def run_ablation(teacher_dir: str, budget: Budget, workers: int, bank: str,
     rows_spec: list[tuple[str, str, dict, bool, str]] = [
         ("reference: WAVE fitted (bank defaults)", bank, {}, False, "wave_fitted"),
         ("budget-matched Weight Selection", bank, {}, False, "weight_selection_matched"),
-        ("plain Weight Selection", bank, {}, False, "weight_selection"),
         ("train_vectors off", bank, {"train_vectors": False}, False, "wave_fitted"),
+        ("fit lr 1e-3 for every fitted tensor (the previous default)", bank, {"lr": 1e-3, "vectors_lr": 1e-3},
+         False, "wave_fitted"),
     ]
     if has_lowrank():
         rows_spec.append((f"low-rank correction on (rank {LOWRANK_RANK})", bank, {"lowrank_rank": LOWRANK_RANK},
                           False, "wave_fitted"))
-    rows_spec += [("start-aware fine-tune LR: WAVE fitted", bank, {}, True, "wave_fitted"),
-                  ("start-aware fine-tune LR: matched WS", bank, {}, True, "weight_selection_matched")]
+    if lr_rule:
+        rows_spec += [("start-aware fine-tune LR: WAVE fitted", bank, {}, True, "wave_fitted"),
+                      ("start-aware fine-tune LR: matched WS", bank, {}, True, "weight_selection_matched")]
     rows_spec += [(f"bank {label}", path, {}, False, "wave_fitted") for label, path in extra_banks.items()]
     jobs = [(lever, b, kw, rule, method, d, w, seed, budget) for (lever, b, kw, rule, method) in rows_spec
             for (d, w) in ABLATION_SIZES for seed in ABLATION_SEEDS]
@@ -679,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 sizes, tiny budgets (< 15 min); init_sizes.quick.*")
     parser.add_argument("--ablation", action="store_true", help="also run the issue 8 ablation")
     parser.add_argument("--ablation-only", action="store_true", help="only the ablation")
+    parser.add_argument("--no-lr-rule", action="store_true", help="ablation: skip the start-aware LR rows")
     parser.add_argument("--ablation-banks", nargs="*", default=[], metavar="LABEL=PATH",
                         help="variant banks (capacity, stage-1 length) to compare against --bank in the ablation")
     parser.add_argument("--workers", type=int, default=2, help="processes (1 torch thread each)")
@@ -738,7 +741,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not sep or not label or not (Path(path) / "config.json").is_file():
                 raise SystemExit(f"--ablation-banks takes LABEL=PATH with a bank folder at PATH, got {item!r}")
             extra[label] = path
-        abl = run_ablation(teacher_dir, QUICK if args.quick else FULL, args.workers, bank_path(args.bank), extra)
+        abl = run_ablation(teacher_dir, QUICK if args.quick else FULL, args.workers, bank_path(args.bank), extra,
+                           lr_rule=not args.no_lr_rule)
         abl["machine"] = machine
         abl["not_run"] = ablation_not_run(extra)
         write_ablation(abl)

@@ -64,3 +64,17 @@ def test_missing_bank_offline(tmp_path, capsys, monkeypatch):
 def test_console_script_help_lists_examples():
     out = subprocess.run([sys.executable, "-m", "wave_hf.cli", "--help"], capture_output=True, text=True, check=True)
     assert "examples:" in out.stdout and "wave-hf build" in out.stdout
+
+
+def test_fit_with_lowrank_saves_the_correction_with_the_bank(bank_dir, tmp_path, capsys):
+    from wave_hf import WaveInitializer
+
+    out = tmp_path / "fitted"
+    args = ["--json", "fit", "--templates", str(bank_dir), "--depth", "2", "--width", "32", "--num-heads", "2",
+            "--data", "digits", "--max-images", "64", "--steps", "2", "--out", str(out)]
+    assert main([*args, "--lowrank-rank", "2"]) == 0
+    with_lowrank = json.loads(capsys.readouterr().out)["parameters"]
+    assert main([*args[:-1], str(tmp_path / "plain")]) == 0
+    plain = json.loads(capsys.readouterr().out)["parameters"]
+    scalers = WaveInitializer.from_pretrained(out).scalers_for(2, 32, 2)
+    assert with_lowrank == sum(p.numel() for p in scalers.parameters()) > plain

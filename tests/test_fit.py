@@ -74,7 +74,7 @@ def test_train_vectors_false_keeps_vector_templates(setup):
 def test_fit_lowers_the_loss(setup):
     init, data = setup
     model, log = _fit(init, 2, 32, data, num_heads=None, num_labels=4, id2label=None, teacher=None, max_images=16,
-                      steps=30, batch_size=16, lr=1e-2, kd_weight=0.0, temperature=1.0, train_vectors=True,
+                      steps=30, batch_size=16, lr=1e-2, vectors_lr=None, kd_weight=0.0, temperature=1.0, train_vectors=True,
                       lowrank_rank=0, warmup_ratio=0.0, seed=0, output_dir=None, checkpoint_every=0, max_steps=None,
                       progress=False)
     assert sum(log.losses[-5:]) < sum(log.losses[:5])
@@ -83,7 +83,7 @@ def test_fit_lowers_the_loss(setup):
 def test_folded_fitted_model_equals_the_parametrized_one(setup):
     init, data = setup
     model, _ = _fit(init, 2, 32, data, num_heads=None, num_labels=4, id2label=None, teacher=None, max_images=24,
-                    steps=3, batch_size=8, lr=1e-2, kd_weight=0.0, temperature=1.0, train_vectors=True,
+                    steps=3, batch_size=8, lr=1e-2, vectors_lr=None, kd_weight=0.0, temperature=1.0, train_vectors=True,
                     lowrank_rank=0, warmup_ratio=0.0, seed=0, output_dir=None, checkpoint_every=0, max_steps=None,
                     progress=False)
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(5))

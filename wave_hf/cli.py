@@ -91,7 +91,8 @@ def cmd_fit(args) -> dict:
     init = _load(args)
     data = _dataset(args, init)
     scalers = init.fit_scalers(args.depth, args.width, data["train"], num_heads=args.num_heads,
-                               max_images=args.max_images, steps=args.steps, seed=args.seed)
+                               max_images=args.max_images, steps=args.steps, seed=args.seed,
+                               lowrank_rank=args.lowrank_rank)
     init.save_pretrained(args.out)
     return {"out": args.out, "scalers": f"{scalers.depth}x{scalers.width}",
             "parameters": sum(p.numel() for p in scalers.parameters())}
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arg(p)
     p.add_argument("--max-images", type=int, default=1000)
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lowrank-rank", type=int, default=0,
+                   help="also fit a per-size low-rank correction of this rank (0: off; folded exactly)")
     p.add_argument("--out", required=True, help="bank folder to write (bank + scalers/)")
     p.set_defaults(func=cmd_fit)
 
