@@ -652,14 +652,15 @@ def write_ablation(result: dict[str, Any]) -> None:
              f"{b['test_images']} images. Cells: accuracy % after fine-tuning, mean over seeds "
              "(spread = max - min) [mean accuracy of the start, before fine-tuning]. "
              f"Machine: {result.get('machine', '?')}.", "",
-             "| lever | " + " | ".join(f"{s}" for s in result["sizes"]) + " |",
-             "|---|" + "---|" * len(result["sizes"])]
+             "| lever | " + " | ".join(f"{s}" for s in result["sizes"]) + " | mean over sizes |",
+             "|---|" + "---|" * (len(result["sizes"]) + 1)]
     for lever in dict.fromkeys(r["lever"] for r in result["summary"]):
-        cells = []
+        cells, means = [], []
         for size in result["sizes"]:
             s = next(x for x in result["summary"] if x["lever"] == lever and x["size"] == size)
             cells.append(f"{100 * s['mean']:.2f} ({100 * s['spread']:.2f}) [{100 * s['start_mean']:.1f}]")
-        lines.append(f"| {lever} | " + " | ".join(cells) + " |")
+            means.append(s["mean"])
+        lines.append(f"| {lever} | " + " | ".join(cells) + f" | {100 * statistics.mean(means):.2f} |")
     lines += ["", "## Banks: capacity and stage-1 length", "",
               "Auxiliary-model test accuracy after stage 1 (the bank's own record), against the ancestry's.", "",
               "| bank | N | D_T | template params | share of the teacher's matrices | stage-1 steps x batch "

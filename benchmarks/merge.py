@@ -5,8 +5,12 @@ Each source ViT is trained from its OWN random init (seed) on a different real t
 scikit-learn digits upsampled to 28x28, Fashion-MNIST with shifted labels. Every method merges the first N
 at 16 and 100 original images per task (+ ~400 augmented copies per task, made once).
 
-    python benchmarks/merge.py            # full run, writes benchmarks/results/merge.{json,md,png}
-    python benchmarks/merge.py --quick    # < 10 min on 2 cores
+    python benchmarks/merge.py            # full run (100 epochs, as the paper): minutes on a GPU, hours on 2 cores
+    python benchmarks/merge.py --quick    # 3 epochs, < 10 min on 2 cores
+
+    # the committed results: one process per slice, side by side, then joined
+    python benchmarks/merge.py --ns 3 --sizes 100 --methods fs_merge --rank 16 --label r16 --name n3-k100-fs-r16
+    python benchmarks/merge.py --combine results/n*.json --name merge
 
 Reports per-task and average accuracy (task-aware heads), joint accuracy (argmax over all heads' logits;
 an image counts as correct only if its own task's head wins with the right class), wall time and trainable
