@@ -446,7 +446,7 @@ def _rss_over_grid(bank: str, sizes: list[tuple[int, int]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ ablation
-LOWRANK_RANK = 4  # the per-size low-rank correction's rank in the ablation
+LOWRANK_RANK = 4  # the per-size low-rank correction's default rank in the ablation (--lowrank-ranks)
 
 
 def _ablation_job(job: tuple[str, str, dict, bool, str, int, int, int, Budget]) -> dict[str, Any]:
@@ -468,7 +468,8 @@ def has_lowrank() -> bool:
 
 
 def run_ablation(teacher_dir: str, budget: Budget, workers: int, bank: str,
-                 extra_banks: dict[str, str], lr_rule: bool = True) -> dict[str, Any]:
+                 extra_banks: dict[str, str], lr_rule: bool = True,
+                 lowrank_ranks: Sequence[int] = (LOWRANK_RANK,)) -> dict[str, Any]:
     """One row per lever (on/off) at sizes <= 6x128, 3 seeds, on the main grid's fit and fine-tune budgets.
 
     The reference is ``bank`` (the shipped default unless --bank) with the fit's defaults. Capacity (templates
@@ -484,8 +485,8 @@ def run_ablation(teacher_dir: str, budget: Budget, workers: int, bank: str,
          False, "wave_fitted"),
     ]
     if has_lowrank():
-        rows_spec.append((f"low-rank correction on (rank {LOWRANK_RANK})", bank, {"lowrank_rank": LOWRANK_RANK},
-                          False, "wave_fitted"))
+        rows_spec += [(f"low-rank correction on (rank {k})", bank, {"lowrank_rank": k}, False, "wave_fitted")
+                      for k in lowrank_ranks]
     if lr_rule:
         rows_spec += [("start-aware fine-tune LR: WAVE fitted", bank, {}, True, "wave_fitted"),
                       ("start-aware fine-tune LR: matched WS", bank, {}, True, "weight_selection_matched")]
@@ -512,7 +513,7 @@ def run_ablation(teacher_dir: str, budget: Budget, workers: int, bank: str,
                               "template_parameters": init.bank.num_template_parameters,
                               "template_share": init.bank.num_template_parameters / aux_matrices,
                               "metrics": c.metrics}
-    return {"rows": rows, "summary": summary, "banks": bank_metrics, "lowrank_rank": LOWRANK_RANK,
+    return {"rows": rows, "summary": summary, "banks": bank_metrics, "lowrank_ranks": list(lowrank_ranks),
             "seeds": ABLATION_SEEDS, "sizes": [f"{d}x{w}" for d, w in ABLATION_SIZES], "budget": asdict(budget)}
 
 
@@ -682,6 +683,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 sizes, tiny budgets (< 15 min); init_sizes.quick.*")
     parser.add_argument("--ablation", action="store_true", help="also run the issue 8 ablation")
     parser.add_argument("--ablation-only", action="store_true", help="only the ablation")
+    parser.add_argument("--lowrank-ranks", type=int, nargs="+", default=[LOWRANK_RANK],
+                        help="ablation: one low-rank-correction row per rank")
     parser.add_argument("--no-lr-rule", action="store_true", help="ablation: skip the start-aware LR rows")
     parser.add_argument("--ablation-banks", nargs="*", default=[], metavar="LABEL=PATH",
                         help="variant banks (capacity, stage-1 length) to compare against --bank in the ablation")
@@ -743,7 +746,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise SystemExit(f"--ablation-banks takes LABEL=PATH with a bank folder at PATH, got {item!r}")
             extra[label] = path
         abl = run_ablation(teacher_dir, QUICK if args.quick else FULL, args.workers, bank_path(args.bank), extra,
-                           lr_rule=not args.no_lr_rule)
+                           lr_rule=not args.no_lr_rule, lowrank_ranks=args.lowrank_ranks)
         abl["machine"] = machine
         abl["not_run"] = ablation_not_run(extra)
         write_ablation(abl)
