@@ -458,15 +458,6 @@ def _ablation_job(job: tuple[str, str, dict, bool, str, int, int, int, Budget]) 
     return row
 
 
-def has_lowrank() -> bool:
-    """Whether ``wave_hf.fit`` offers the per-size low-rank correction (issue 8 item 4)."""
-    import inspect
-
-    from wave_hf.fit import fit_scalers
-
-    return "lowrank_rank" in inspect.signature(fit_scalers).parameters
-
-
 def run_ablation(teacher_dir: str, budget: Budget, workers: int, bank: str,
                  extra_banks: dict[str, str], lr_rule: bool = True,
                  lowrank_ranks: Sequence[int] = (LOWRANK_RANK,)) -> dict[str, Any]:
@@ -484,9 +475,8 @@ def run_ablation(teacher_dir: str, budget: Budget, workers: int, bank: str,
         ("fit lr 1e-3 for every fitted tensor (the previous default)", bank, {"lr": 1e-3, "vectors_lr": 1e-3},
          False, "wave_fitted"),
     ]
-    if has_lowrank():
-        rows_spec += [(f"low-rank correction on (rank {k})", bank, {"lowrank_rank": k}, False, "wave_fitted")
-                      for k in lowrank_ranks]
+    rows_spec += [(f"low-rank correction on (rank {k})", bank, {"lowrank_rank": k}, False, "wave_fitted")
+                  for k in lowrank_ranks]
     if lr_rule:
         rows_spec += [("start-aware fine-tune LR: WAVE fitted", bank, {}, True, "wave_fitted"),
                       ("start-aware fine-tune LR: matched WS", bank, {}, True, "weight_selection_matched")]
@@ -785,8 +775,6 @@ def notes(result: dict[str, Any]) -> list[str]:
 
 def ablation_not_run(extra_banks: dict[str, str]) -> list[str]:
     out = ["- Sizes above 6x128 and the transfer regime: issue 8 asks for <= 6x128 on the teacher's task."]
-    if not has_lowrank():
-        out.append("- Per-size low-rank correction: `wave_hf.fit.fit_scalers` has no `lowrank_rank` here.")
     if not extra_banks:
         out.append("- Capacity (N, D_T) and stage-1 length: no variant banks were passed (--ablation-banks).")
     return out
