@@ -1,8 +1,10 @@
 """Small distill / fit / merge jobs for test_interrupt.py and test_distributed.py.
 
-``python _jobs.py KIND WORKDIR KILL_AT``: with ``KILL_AT > 0`` the job SIGKILLs itself at that optimizer step.
-The kill is injected from outside the library (a patched ``AdamW.step``), so the code under test is exactly
-what users run. Under ``accelerate launch`` only the main process writes the result.
+``python _jobs.py KIND WORKDIR KILL_AT [MODE]``: with ``KILL_AT > 0`` the job SIGKILLs itself at that optimizer
+step (``MODE=step``, the default), or in the middle of its ``KILL_AT``-th ``safetensors.torch.save_file`` call,
+after writing half of that file (``MODE=save``: a kill while a checkpoint is written). The kill is injected
+from outside the library (a patched ``AdamW.step`` / ``save_file``), so the code under test is exactly what
+users run. Under ``accelerate launch`` only the main process writes the result.
 """
 
 from __future__ import annotations
@@ -16,7 +18,25 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 kind, workdir, kill_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-if kill_at > 0:
+mode = sys.argv[4] if len(sys.argv) > 4 else "step"
+if kill_at > 0 and mode == "save":
+    import safetensors.torch as st
+
+    real_save = st.save_file
+    saves = {"n": 0}
+
+    def dying_save(tensors, filename, metadata=None):
+        saves["n"] += 1
+        if saves["n"] == kill_at:
+            real_save(tensors, filename, metadata)
+            size = os.path.getsize(filename)
+            with open(filename, "r+b") as f:  # a torn write: the first half only
+                f.truncate(size // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(tensors, filename, metadata)
+
+    st.save_file = dying_save
+elif kill_at > 0:
     original_step = torch.optim.AdamW.step
     calls = {"n": 0}
 

@@ -38,7 +38,7 @@ def test_info_prints_the_bank(bank_dir, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--depth", "0", "--width", "32"], "depth must be in [1, 1024], got 0"),
+        (["--depth", "0", "--width", "32"], "argument --depth: must be an int >= 1, got '0'"),
         (["--depth", "2", "--width", "40"], "width=40 must be a positive multiple"),
         (["--depth", "2", "--width", "48", "--num-heads", "5"], "num_heads=5 does not divide width=48"),
     ],

@@ -8,12 +8,12 @@ from conftest import tiny_config
 from wave_hf import WaveTemplateConfig
 
 BAD_CONFIGS = [
-    ("template_width", 0, ValueError, "template_width must be in \\[1, 65536\\], got 0"),
+    ("template_width", 0, ValueError, "template_width must be in \\[1, 8192\\], got 0"),
     ("num_templates", -1, ValueError, "num_templates must be in \\[1, 1024\\], got -1"),
     ("num_templates", 2.5, TypeError, "num_templates must be an int, got 2.5"),
     ("patch_size", 5, ValueError, "patch_size=5 must divide image_size=28"),
     ("aux_width", 50, ValueError, "aux_width=50 must be a multiple of template_width=16"),
-    ("layer_norm_eps", 0.0, ValueError, "layer_norm_eps must be a float in \\(0, 1\\), got 0.0"),
+    ("layer_norm_eps", 0.0, ValueError, "layer_norm_eps must be a finite number in \\(0, 1\\), got 0.0"),
     ("hidden_act", "swishy", ValueError, "hidden_act='swishy' is not one of"),
     ("qkv_bias", "yes", TypeError, "qkv_bias must be a bool"),
 ]
@@ -36,7 +36,7 @@ BAD_SIZES = [
     (dict(depth=2, width=40), ValueError, "width=40 must be a positive multiple of the bank's template_width=16"),
     (dict(depth=2, width=0), ValueError, "width=0 must be a positive multiple"),
     (dict(depth=2, width=48, num_heads=5), ValueError, "num_heads=5 does not divide width=48; accepted: \\[1, 2, 3"),
-    (dict(depth=2, width=32, num_labels=0), ValueError, "num_labels must be a positive int, got 0"),
+    (dict(depth=2, width=32, num_labels=0), ValueError, "num_labels must be in \\[1, 100000\\], got 0"),
 ]
 
 

@@ -173,10 +173,10 @@ def test_fashion_mnist_missing_dir_message(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(image_size=0), "image_size must be an int >= 1, got 0"),
+        (dict(image_size=0), "image_size must be in \\[1, 4096\\], got 0"),
         (dict(num_channels=2), "num_channels must be 1 or 3, got 2"),
-        (dict(train_limit=-1), "train_limit must be None or an int >= 0, got -1"),
-        (dict(test_limit=-5), "test_limit must be None or an int >= 0, got -5"),
+        (dict(train_limit=-1), "train_limit must be >= 0, got -1"),
+        (dict(test_limit=-5), "test_limit must be >= 0, got -5"),
         (dict(data_dir="/somewhere"), "data_dir is not used by source 'digits'"),
     ],
 )

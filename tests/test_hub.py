@@ -157,9 +157,17 @@ def test_template_of_wrong_shape(tiny_bank, tmp_path):
 
 
 def test_nan_in_templates(tiny_bank, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_bank.save_pretrained(tmp_path / "bank")
     with torch.no_grad():
         tiny_bank.templates["fc1"][0, 0, 0] = float("nan")
-    tiny_bank.save_pretrained(tmp_path / "bank")
+    with pytest.raises(ValueError, match="refusing to save.*templates.fc1.*NaN"):  # nothing broken is saved
+        tiny_bank.save_pretrained(tmp_path / "bank")
+    weights = tmp_path / "bank" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["templates.fc1"][0, 0, 0] = float("nan")  # a file broken elsewhere is refused at load
+    save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="templates.fc1.*NaN"):
         WaveInitializer.from_pretrained(tmp_path / "bank")
 

@@ -217,7 +217,7 @@ ERROR_CASES = [
     ("unknown_method", ValueError, r"unknown merge method 'ties'.*'average'.*'fs_merge'"),
     ("tasks_count", ValueError, r"2 models but 3 task names"),
     ("datasets_count", ValueError, r"2 tasks but 1 datasets"),
-    ("negative_rank", ValueError, r"rank must be an integer >= 0, got -1"),
+    ("negative_rank", ValueError, r"rank must be in \[0, 1024\], got -1"),
     ("unknown_option", TypeError, r"'average' got unknown options \['rank'\]"),
     ("duplicate_tasks", ValueError, r"task names must be unique"),
     ("wrong_image_shape", ValueError, r"images have shape \(3, 28, 28\), the models expect \(1, 28, 28\)"),

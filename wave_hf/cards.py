@@ -1,4 +1,6 @@
-"""Model cards rendered from the templates in ``model_cards/`` with ``huggingface_hub.ModelCard``."""
+"""Model cards rendered from the templates in ``wave_hf/model_cards/`` with ``huggingface_hub.ModelCard``.
+
+The templates ship inside the package, so a wheel install writes the same cards as a checkout."""
 
 from __future__ import annotations
 
@@ -10,14 +12,14 @@ from huggingface_hub import ModelCard, ModelCardData
 if TYPE_CHECKING:
     from .templates import TemplateBank
 
-CARD_DIR = Path(__file__).resolve().parents[1] / "model_cards"
+CARD_DIR = Path(__file__).resolve().parent / "model_cards"
 TAGS = ["wave-hf", "wave", "weight-templates", "vit", "image-classification"]
 
 
 def template_path(name: str) -> Path:
     path = CARD_DIR / name
     if not path.is_file():
-        raise FileNotFoundError(f"model card template {path} is missing (is wave-hf installed from its repo?)")
+        raise FileNotFoundError(f"model card template {path} is missing: reinstall wave-hf")
     return path
 
 

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .cli_options import float_arg, int_arg, output_args, prepare_out
+
 EXAMPLES = """examples:
   wave-hf info default
   wave-hf build --templates default --depth 6 --width 128 --num-labels 10 --out vit-6x128
@@ -23,16 +25,30 @@ EXAMPLES = """examples:
 """
 
 
+class UsageError(Exception):
+    """A bad command line, raised instead of argparse's exit so that ``--json`` can report it as JSON."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{prog}: error: {message}")
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(self.prog, message)
+
+
 def _hub_args(p: argparse.ArgumentParser, flag: str = "--templates", help_: str = "bank folder, repo id or 'default'"):
     p.add_argument(flag, default="default", help=help_)
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the bank")
 
 
 def _size_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--depth", type=int, required=True, help="number of transformer layers")
-    p.add_argument("--width", type=int, required=True, help="hidden size, a multiple of the template width")
-    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: width // head_dim)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--depth", type=int_arg(1), required=True, help="number of transformer layers")
+    p.add_argument("--width", type=int_arg(1), required=True, help="hidden size, a multiple of the template width")
+    p.add_argument("--num-heads", type=int_arg(1), default=None,
+                   help="attention heads (default: width // head_dim)")
+    p.add_argument("--seed", type=int_arg(0), default=0)
 
 
 def _data_arg(p: argparse.ArgumentParser) -> None:
@@ -46,11 +62,13 @@ def _load(args) -> Any:
     return WaveInitializer.from_pretrained(args.templates, revision=args.revision)
 
 
-def _save_model(model, out: str) -> None:
-    from .io import atomic_dir
+def _save_model(model, args: argparse.Namespace) -> None:
+    from .io import mark_output, publish_dir, require_finite
 
-    with atomic_dir(out) as tmp:
+    require_finite(model.state_dict().items(), "the model")
+    with publish_dir(args.out) as tmp:
         model.save_pretrained(tmp)
+    mark_output(args.out, args.command)
 
 
 def cmd_info(args) -> dict:
@@ -73,9 +91,10 @@ def cmd_info(args) -> dict:
 
 
 def cmd_build(args) -> dict:
+    prepare_out(args, args.templates)
     init = _load(args)
     model = init.build(args.depth, args.width, num_heads=args.num_heads, num_labels=args.num_labels, seed=args.seed)
-    _save_model(model, args.out)
+    _save_model(model, args)
     return {"out": args.out, "parameters": sum(p.numel() for p in model.parameters()),
             "depth": args.depth, "width": args.width, "num_heads": model.config.num_attention_heads}
 
@@ -88,12 +107,16 @@ def _dataset(args, init) -> Any:
 
 
 def cmd_fit(args) -> dict:
+    from .io import mark_output
+
+    prepare_out(args, args.templates, args.data, getattr(args, "checkpoint_dir", None))
     init = _load(args)
     data = _dataset(args, init)
     scalers = init.fit_scalers(args.depth, args.width, data["train"], num_heads=args.num_heads,
                                max_images=args.max_images, steps=args.steps, seed=args.seed,
-                               lowrank_rank=args.lowrank_rank)
+                               lowrank_rank=args.lowrank_rank, output_dir=args.checkpoint_dir)
     init.save_pretrained(args.out)
+    mark_output(args.out, args.command)
     return {"out": args.out, "scalers": f"{scalers.depth}x{scalers.width}",
             "parameters": sum(p.numel() for p in scalers.parameters())}
 
@@ -101,6 +124,7 @@ def cmd_fit(args) -> dict:
 def cmd_train(args) -> dict:
     from .train import evaluate, finetune
 
+    prepare_out(args, args.templates, args.data)
     init = _load(args)
     data = _dataset(args, init)
     names = data["train"].features["label"].names
@@ -116,7 +140,7 @@ def cmd_train(args) -> dict:
         train = train.shuffle(seed=args.seed).select(range(min(args.train_limit, len(train))))
     finetune(model, train, epochs=args.epochs, learning_rate=args.lr, seed=args.seed)
     acc = evaluate(model, data["test"])
-    _save_model(model, args.out)
+    _save_model(model, args)
     return {"out": args.out, "test_accuracy": acc}
 
 
@@ -125,93 +149,108 @@ def cmd_distill(args) -> dict:
 
     from .data import load_image_dataset
     from .distill import distill
+    from .io import mark_output
 
+    prepare_out(args, args.teacher, args.data, args.checkpoint_dir)
     teacher_cfg = AutoConfig.from_pretrained(args.teacher)
     data = load_image_dataset(args.data, image_size=teacher_cfg.image_size, num_channels=teacher_cfg.num_channels,
                               seed=args.seed)
     bank = distill(args.teacher, data["train"], steps=args.steps, seed=args.seed, init=args.init,
                    eval_dataset=data["test"], dataset_name=args.data, output_dir=args.checkpoint_dir)
     bank.save_pretrained(args.out)
+    mark_output(args.out, args.command)
     return {"out": args.out, "metrics": bank.config.metrics}
 
 
 def cmd_demo(args) -> dict:
     from .demo import run_demo
+    from .io import mark_output
 
+    prepare_out(args)
     result = run_demo(out=args.out, quick=args.quick, seed=args.seed)  # prints its own table
+    mark_output(args.out, args.command)
     return {"results": f"{args.out}/results.md", "models": args.out, "sizes": [r["size"] for r in result["rows"]]}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="wave-hf", description="A ViT model factory: WAVE weight templates and FS-Merge on the Hugging Face stack.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _common_flags(default: Any) -> argparse.ArgumentParser:
+    """``--json`` and ``--debug``, accepted before or after the subcommand (``default`` SUPPRESS on the latter)."""
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=default, help="print the result (or error) as JSON")
+    common.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+    return common
 
-    p = sub.add_parser("info", help="describe a template bank", epilog="example: wave-hf info default")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="wave-hf", description="A ViT model factory: WAVE weight templates and FS-Merge on the Hugging Face stack.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_common_flags(False)],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = _common_flags(argparse.SUPPRESS)
+
+    def add(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p = add("info", help="describe a template bank", epilog="example: wave-hf info default")
     p.add_argument("templates", nargs="?", default="default", help="bank folder, repo id or 'default'")
     p.add_argument("--revision", default=None)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("build", help="assemble a stock ViTForImageClassification and save it",
-                       epilog="example: wave-hf build --templates default --depth 6 --width 128 --out vit-6x128")
+    p = add("build", help="assemble a stock ViTForImageClassification and save it",
+            epilog="example: wave-hf build --templates default --depth 6 --width 128 --out vit-6x128")
     _hub_args(p)
     _size_args(p)
-    p.add_argument("--num-labels", type=int, default=10)
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--num-labels", type=int_arg(1), default=10)
+    output_args(p)
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("fit", help="fit scalers for one size (templates frozen) and save them with the bank",
-                       epilog="example: wave-hf fit --templates default --depth 6 --width 128 --data fashion_mnist --out my-bank")
+    p = add("fit", help="fit scalers for one size (templates frozen) and save them with the bank",
+            epilog="example: wave-hf fit --templates default --depth 6 --width 128 --data fashion_mnist --out my-bank")
     _hub_args(p)
     _size_args(p)
     _data_arg(p)
-    p.add_argument("--max-images", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lowrank-rank", type=int, default=0,
+    p.add_argument("--max-images", type=int_arg(1), default=1000)
+    p.add_argument("--steps", type=int_arg(1), default=300)
+    p.add_argument("--lowrank-rank", type=int_arg(0), default=0,
                    help="also fit a per-size low-rank correction of this rank (0: off; folded exactly)")
-    p.add_argument("--out", required=True, help="bank folder to write (bank + scalers/)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="resumable checkpoints (safetensors + JSON, no pickle): rerun the same command to resume")
+    output_args(p, what="bank folder to write (bank + scalers/)")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("train", help="build (+ fit scalers) and fine-tune with the transformers Trainer",
-                       epilog="example: wave-hf train --templates default --depth 4 --width 64 --data fashion_mnist --out vit")
+    p = add("train", help="build (+ fit scalers) and fine-tune with the transformers Trainer",
+            epilog="example: wave-hf train --templates default --depth 4 --width 64 --data fashion_mnist --out vit")
     _hub_args(p)
     _size_args(p)
     _data_arg(p)
-    p.add_argument("--fit-steps", type=int, default=300, help="scaler-fitting steps before fine-tuning (0: skip)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--train-limit", type=int, default=None, help="fine-tune on at most this many images")
-    p.add_argument("--out", required=True)
+    p.add_argument("--fit-steps", type=int_arg(0), default=300, help="scaler-fitting steps before fine-tuning (0: skip)")
+    p.add_argument("--epochs", type=float_arg(0), default=1.0)
+    p.add_argument("--lr", type=float_arg(0), default=5e-4)
+    p.add_argument("--train-limit", type=int_arg(1), default=None, help="fine-tune on at most this many images")
+    output_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("distill", help="distill a template bank from a teacher ViT (stage 1)",
-                       epilog="example: wave-hf distill --teacher path/to/vit --data fashion_mnist --out my-bank")
+    p = add("distill", help="distill a template bank from a teacher ViT (stage 1)",
+            epilog="example: wave-hf distill --teacher path/to/vit --data fashion_mnist --out my-bank")
     p.add_argument("--teacher", required=True, help="ViTForImageClassification folder or repo id")
     _data_arg(p)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int_arg(1), default=2000)
     p.add_argument("--init", choices=["teacher", "scratch"], default="teacher")
-    p.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints (accelerate save_state)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints (safetensors + JSON, no pickle)")
+    p.add_argument("--seed", type=int_arg(0), default=0)
+    output_args(p)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("demo", help="the README's main job: three sizes from the embedded bank vs random init",
-                       epilog="example: wave-hf demo --out outputs/demo")
-    p.add_argument("--out", default="outputs/demo")
+    p = add("demo", help="the README's main job: three sizes from the embedded bank vs random init",
+            epilog="example: wave-hf demo --out outputs/demo")
+    output_args(p, default="outputs/demo")
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_arg(0), default=0)
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from .merge.cli import add_merge_subparser
-    except ImportError:  # pragma: no cover - the merge package is optional at import time
-        add_merge_subparser = None
-    if add_merge_subparser is not None:
-        add_merge_subparser(sub)
+    from .merge.cli import add_merge_subparser
+
+    add_merge_subparser(sub, parents=[common])
     return parser
 
 
@@ -227,21 +266,35 @@ def _print(result: Any, as_json: bool) -> None:
         print(result)
 
 
+def _fail(message: str, kind: str, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"error": message, "type": kind}))
+    else:
+        print(message, file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        if not as_json:
+            print(parser.format_usage() if err.prog == parser.prog else "", end="", file=sys.stderr)
+        return _fail(str(err), "UsageError", as_json)
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
         result = func(args)
     except (ValueError, TypeError, OSError, ImportError, KeyError) as err:
         if args.debug:
             raise
-        print(f"wave-hf {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        return _fail(f"wave-hf {args.command}: error: {message}", type(err).__name__, args.json)
     _print(result, args.json)
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-

@@ -3,22 +3,55 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
 from typing import Any
 
+import torch
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.utils import logging
 
+from .validation import (
+    MAX_CHANNELS,
+    MAX_DEPTH,
+    MAX_IMAGE_SIZE,
+    MAX_MLP_RATIO,
+    MAX_NUM_PATCHES,
+    MAX_TEMPLATES,
+    MAX_WIDTH,
+    check_float,
+    check_id2label,
+    check_int,
+)
+
 logger = logging.get_logger(__name__)
 
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+#: Integer fields and their bounds (``patch_size`` is bounded by ``image_size`` on top).
+INT_FIELDS = {
+    "template_width": (1, MAX_WIDTH),
+    "num_templates": (1, MAX_TEMPLATES),
+    "num_vector_templates": (1, MAX_TEMPLATES),
+    "head_dim": (1, MAX_WIDTH),
+    "mlp_ratio": (1, MAX_MLP_RATIO),
+    "image_size": (1, MAX_IMAGE_SIZE),
+    "patch_size": (1, MAX_IMAGE_SIZE),
+    "num_channels": (1, MAX_CHANNELS),
+    "aux_depth": (1, MAX_DEPTH),
+    "aux_width": (1, MAX_WIDTH),
+}
+#: Keys a bank's ``config.json`` must have: a missing one would silently take the default and describe
+#: tensors of another shape than the ones in ``model.safetensors``.
+REQUIRED_KEYS = ("model_type", *INT_FIELDS, "layer_norm_eps", "qkv_bias", "hidden_act")
+_JSON_SCALARS = (str, int, float, bool, type(None))
+#: JSON types of the other typed keys of ``config.json``, and how a message names them.
+_JSON_TYPES = {
+    "metrics": ((dict, type(None)), "an object or null"),
+    "teacher_name_or_path": ((str, type(None)), "a string or null"),
+    "teacher_dataset": ((str, type(None)), "a string or null"),
+    "qkv_bias": ((bool,), "true or false"),
+    "hidden_act": ((str,), "a string"),
+    "layer_norm_eps": ((int, float), "a number"),
+}
 
 
 class WaveTemplateConfig(PreTrainedConfig):
@@ -71,17 +104,19 @@ class WaveTemplateConfig(PreTrainedConfig):
         self.check()
 
     def check(self) -> None:
-        """Raise on any value that could not build a ViT; messages name the field, value and range."""
-        _check_int("template_width", self.template_width, 1, 65536)
-        _check_int("num_templates", self.num_templates, 1, 1024)
-        _check_int("num_vector_templates", self.num_vector_templates, 1, 1024)
-        _check_int("head_dim", self.head_dim, 1, 65536)
-        _check_int("mlp_ratio", self.mlp_ratio, 1, 64)
-        _check_int("image_size", self.image_size, 1, 65536)
-        _check_int("patch_size", self.patch_size, 1, self.image_size)
-        _check_int("num_channels", self.num_channels, 1, 64)
-        _check_int("aux_depth", self.aux_depth, 1, 1024)
-        _check_int("aux_width", self.aux_width, 1, 1 << 20)
+        """Raise on any value that could not build a ViT; messages name the field, value and range.
+
+        Integer fields are normalized to plain ints (numpy integers are accepted), so the config always
+        serializes to JSON. The bounds are the documented limits of ``wave_hf.validation``.
+        """
+        for name, (low, high) in INT_FIELDS.items():
+            if name == "patch_size":
+                high = self.image_size
+            setattr(self, name, check_int(name, getattr(self, name), low, high))
+        patches = (self.image_size // self.patch_size) ** 2
+        if patches > MAX_NUM_PATCHES:
+            raise ValueError(f"image_size={self.image_size} with patch_size={self.patch_size} gives {patches} "
+                             f"patches per image, above the limit of {MAX_NUM_PATCHES} (validation.MAX_NUM_PATCHES)")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"patch_size={self.patch_size} must divide image_size={self.image_size}"
@@ -92,13 +127,21 @@ class WaveTemplateConfig(PreTrainedConfig):
             )
         if self.aux_width % self.head_dim:
             raise ValueError(f"aux_width={self.aux_width} must be a multiple of head_dim={self.head_dim}")
-        eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < 1) or math.isnan(eps):
-            raise ValueError(f"layer_norm_eps must be a float in (0, 1), got {eps!r}")
+        self.layer_norm_eps = check_float("layer_norm_eps", self.layer_norm_eps, 0, 1, low_open=True,
+                                          high_open=True)
         if not isinstance(self.qkv_bias, bool):
             raise TypeError(f"qkv_bias must be a bool, got {self.qkv_bias!r}")
-        if self.hidden_act not in ACT2FN:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not one of {sorted(ACT2FN)}")
+        for name in ("teacher_name_or_path", "teacher_dataset"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string or None, got {value!r} ({type(value).__name__})")
+        if self.metrics is not None and (
+            not isinstance(self.metrics, dict)
+            or not all(isinstance(k, str) and isinstance(v, _JSON_SCALARS) for k, v in self.metrics.items())
+        ):
+            raise TypeError(f"metrics must be None or a dict of str -> number/str/bool, got {self.metrics!r}")
 
     @property
     def aux_ratio(self) -> int:
@@ -108,9 +151,57 @@ class WaveTemplateConfig(PreTrainedConfig):
     def num_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2 + 1
 
+    @staticmethod
+    def check_json(config_dict: Any, overrides: dict[str, Any] | None = None) -> None:
+        """Validate the raw content of a bank's ``config.json`` before transformers reads it.
+
+        transformers would fail on a list with ``AttributeError``, on ``"dtype": 5`` deep inside the model
+        load, and would fill a missing size key with its default (a config that no longer matches the
+        weights). Every message names ``config.json`` and the key.
+        """
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"config.json must hold a JSON object {{...}}, got {type(config_dict).__name__}: "
+                             f"{str(config_dict)[:80]}")
+        present = set(config_dict) | set(overrides or {})
+        missing = [key for key in REQUIRED_KEYS if key not in present]
+        if missing:
+            raise ValueError(f"config.json has no key {missing[0]!r} (missing: {missing}); a template bank's "
+                             f"config.json needs {list(REQUIRED_KEYS)}")
+        for key in ("dtype", "torch_dtype"):
+            value = config_dict.get(key)
+            is_dtype = isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)
+            if value is not None and not is_dtype:
+                raise ValueError(f"config.json key {key!r} must be a torch dtype name such as 'float32', "
+                                 f"got {value!r}")
+        for key, (low, high) in INT_FIELDS.items():
+            if key in config_dict:
+                try:
+                    check_int(key, config_dict[key], low, high)
+                except (TypeError, ValueError) as err:
+                    raise type(err)(f"config.json key {key!r}: {err}") from None
+        for key, (types, text) in _JSON_TYPES.items():
+            value = config_dict.get(key)
+            if key in config_dict and (not isinstance(value, types) or (isinstance(value, bool)
+                                                                         and bool not in types)):
+                raise TypeError(f"config.json key {key!r} must be {text}, got {value!r} ({type(value).__name__})")
+        if config_dict.get("id2label") is not None:
+            check_id2label(config_dict["id2label"], "config.json key 'id2label'")
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+        """transformers' reader, refusing a file that holds JSON but not an object (``null``, a list): the
+        loader would otherwise fail on it with ``TypeError: argument of type 'NoneType' is not iterable``."""
+        config_dict = super()._dict_from_json_file(json_file)
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"{os.fspath(json_file)} must hold a JSON object {{...}}, got "
+                             f"{type(config_dict).__name__}: {str(config_dict)[:80]}")
+        return config_dict
+
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
-        """Drop keys written by a newer wave-hf, with a warning, instead of failing (as peft does)."""
+        """Validate the raw dict (``check_json``), then drop keys written by a newer wave-hf, with a warning,
+        instead of failing (as peft does)."""
+        cls.check_json(config_dict, kwargs)
         known = {f.name for f in dataclasses.fields(cls)} | {"model_type", "transformers_version", "architectures"}
         base = set(PreTrainedConfig().to_dict())
         unknown = sorted(k for k in config_dict if k not in known and k not in base)

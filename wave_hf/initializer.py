@@ -13,14 +13,16 @@ from transformers import ViTConfig, ViTForImageClassification
 from . import vit_layout
 from .configuration_wave import WaveTemplateConfig
 from .fold import head_init_, parametrize_vit
-from .io import atomic_dir, push_folder, resolve_folder
+from .io import publish_dir, push_folder, require_finite, resolve_folder
 from .rule import assemble
-from .scalers import Scalers, check_size
+from .scalers import Scalers, check_target_size
 from .templates import TemplateBank
+from .validation import MAX_SEED, check_int, check_name
 
 DEFAULT_BANK = Path(__file__).resolve().parent / "default_bank"
 DEFAULT_NAMES = ("default", "wave-hf/default")
-BANK_FILES = ["config.json", "model.safetensors", "README.md", "scalers/*.safetensors"]
+SCALERS_GLOB = "scalers/*.safetensors"
+BANK_FILES = ["config.json", "model.safetensors", "README.md", SCALERS_GLOB]
 
 
 def _check_bank_folder(folder: Path, name: str) -> None:
@@ -53,7 +55,17 @@ class WaveInitializer:
             raise TypeError(f"bank must be a TemplateBank, got {type(bank).__name__}")
         self.bank = bank
         self.config: WaveTemplateConfig = bank.config
-        self.fitted: dict[tuple[int, int, int], Scalers] = dict(scalers or {})
+        self.fitted: dict[tuple[int, int, int], Scalers] = {}
+        if scalers is not None and not isinstance(scalers, dict):
+            raise TypeError(f"scalers must be a dict {{(depth, width, num_heads): Scalers}}, got "
+                            f"{type(scalers).__name__}")
+        for key, value in (scalers or {}).items():
+            if not isinstance(value, Scalers):
+                raise TypeError(f"scalers[{key!r}] must be a Scalers, got {type(value).__name__}")
+            size = (value.depth, value.width, value.num_heads)
+            if key != size:
+                raise ValueError(f"scalers[{key!r}] holds scalers for (depth, width, num_heads)={size}")
+            self.add_scalers(value)
 
     def __repr__(self) -> str:
         c = self.config
@@ -103,19 +115,26 @@ class WaveInitializer:
             )
         bank.check_finite()
         bank.requires_grad_(False)
-        scalers = {}
+        scalers: dict[tuple[int, int, int], Scalers] = {}
         for path in sorted((folder / "scalers").glob("*.safetensors")):
+            if path.name.startswith("."):  # hidden files (macOS "._*" copies, editors) are not scalers
+                continue
+            check_name(path.name, "scalers file name")  # the folder is untrusted: no reserved/odd names
             s = Scalers.load(path, config)
-            scalers[(s.depth, s.width, s.num_heads)] = s
+            size = (s.depth, s.width, s.num_heads)
+            expected = Path(Scalers.filename(*size)).name
+            if path.name != expected:
+                raise ValueError(f"{path}: its metadata says depth={s.depth}, width={s.width}, heads={s.num_heads}, "
+                                 f"so its name must be {expected!r}: the bank folder was edited by hand")
+            scalers[size] = s
         return cls(bank, scalers)
 
     # ---------------------------------------------------------------------------------- assembling
     def vit_config(self, depth: int, width: int, num_heads: int | None = None, num_labels: int = 10,
                    id2label: dict[int, str] | None = None) -> ViTConfig:
-        """The stock ``ViTConfig`` of a target size (validated against the bank)."""
-        heads = check_size(self.config, depth, width, num_heads)
-        if id2label is None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
-            raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
+        """The stock ``ViTConfig`` of a target size (validated against the bank; ``id2label``, if given,
+        sets the labels and must map ``0 .. n - 1`` to strings)."""
+        depth, width, heads = check_target_size(self.config, depth, width, num_heads)
         c = self.config
         shape = vit_layout.ViTShape(depth, width, heads, c.mlp_ratio, c.image_size, c.patch_size, c.num_channels)
         return vit_layout.make_vit_config(
@@ -130,7 +149,8 @@ class WaveInitializer:
         ``lowrank_rank > 0`` gives scalers that have no low-rank correction one of that rank, starting at
         exactly zero (``Scalers.with_lowrank``, seeded by ``seed``); fitted scalers that carry one keep it.
         """
-        heads = check_size(self.config, depth, width, num_heads)
+        depth, width, heads = check_target_size(self.config, depth, width, num_heads)
+        seed = check_int("seed", seed, 0, MAX_SEED)
         fitted = self.fitted.get((depth, width, heads))
         if fitted is not None:
             return fitted.with_lowrank(self.config, lowrank_rank, torch.Generator().manual_seed(seed))
@@ -143,7 +163,9 @@ class WaveInitializer:
             return self.scalers_for(depth, width, num_heads, seed, lowrank_rank)
         if not isinstance(scalers, Scalers):
             raise TypeError(f"scalers must be a Scalers, got {type(scalers).__name__}")
-        heads = check_size(self.config, depth, width, num_heads)
+        depth, width, heads = check_target_size(self.config, depth, width, num_heads)
+        seed = check_int("seed", seed, 0, MAX_SEED)
+        scalers.check_compatible(self.config)
         if (scalers.depth, scalers.width, scalers.num_heads) != (depth, width, heads):
             raise ValueError(
                 f"scalers are for depth={scalers.depth}, width={scalers.width}, heads={scalers.num_heads}; "
@@ -154,9 +176,16 @@ class WaveInitializer:
     def _target(self, depth: int, width: int, num_heads: int | None = None, num_labels: int = 10,
                 id2label: dict[int, str] | None = None, scalers: Scalers | None = None, seed: int = 0,
                 lowrank_rank: int = 0):
-        """Validated ``ViTConfig`` and scalers of a target (shared by ``build`` and ``parametrize``)."""
+        """Validated ``ViTConfig`` and scalers of a target (shared by ``build`` and ``parametrize``): a model
+        that would not fit in memory is refused before anything is allocated, and NaN/Inf scalers or
+        templates (a diverged fit, a bank edited in memory) are named instead of building NaN weights."""
+        seed = check_int("seed", seed, 0, MAX_SEED)
         vit_config = self.vit_config(depth, width, num_heads, num_labels, id2label)
-        return vit_config, self._resolve_scalers(depth, width, num_heads, scalers, seed, lowrank_rank), seed
+        vit_layout.check_buildable(vit_layout.shape_of(vit_config), vit_config.num_labels)
+        scalers = self._resolve_scalers(depth, width, num_heads, scalers, seed, lowrank_rank)
+        scalers.check_finite(f"scalers for depth={scalers.depth}, width={scalers.width}")
+        self.bank.check_finite()
+        return vit_config, scalers, seed
 
     @torch.no_grad()
     def build(
@@ -182,6 +211,10 @@ class WaveInitializer:
         vit_config, scalers, seed = self._target(depth, width, num_heads, num_labels, id2label, scalers, seed,
                                                  lowrank_rank)
         state = assemble(self.config, self.bank.templates, scalers)
+        for key, value in state.items():  # finite factors can still overflow (scalers of 1e30)
+            if not torch.isfinite(value).all():
+                raise ValueError(f"the built weight {key} overflows to Inf or NaN: the scalers are too large "
+                                 f"(max |value| {max(v.abs().max().item() for v in scalers.parameters()):.3g})")
         model = vit_layout.empty_classifier(vit_config)
         head_init_(model, seed)
         state.update({k: v.detach() for k, v in model.classifier.state_dict(prefix="classifier.").items()})
@@ -216,15 +249,21 @@ class WaveInitializer:
     # -------------------------------------------------------------------------------------- saving
     def add_scalers(self, scalers: Scalers) -> None:
         """Keep fitted scalers with the bank: ``build`` uses them and ``save_pretrained`` writes them."""
+        if not isinstance(scalers, Scalers):
+            raise TypeError(f"scalers must be a Scalers, got {type(scalers).__name__}")
+        scalers.check_compatible(self.config)
         self.fitted[(scalers.depth, scalers.width, scalers.num_heads)] = scalers
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """The bank folder (config, weights, card) with every fitted set under ``scalers/``, atomically."""
-        with atomic_dir(save_directory) as tmp:
-            self.bank.save_pretrained(tmp / "bank")
-            for item in (tmp / "bank").iterdir():
-                item.rename(tmp / item.name)
-            (tmp / "bank").rmdir()
+        """The bank folder (config, weights, card) with every fitted set under ``scalers/``.
+
+        Scalers files of sizes this initializer no longer holds are removed; every other file in the folder
+        (``.git``, notes, other models) is left alone.
+        """
+        for s in self.fitted.values():
+            require_finite(s.state_dict().items(), f"scalers {s.depth}x{s.width}")
+        with publish_dir(save_directory, owned=[SCALERS_GLOB]) as tmp:
+            self.bank.save_pretrained(tmp)
             if self.fitted:
                 (tmp / "scalers").mkdir()
             for s in self.fitted.values():

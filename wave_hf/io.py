@@ -1,45 +1,177 @@
-"""Atomic folder writes and "local dir or Hub repo id" resolution, shared by every saver and loader."""
+"""Safe output folders, "local dir or Hub repo id" resolution and Hub upload, shared by every saver and loader.
+
+An output folder is often a place the user cares about (a git clone of a Hub repo, a folder of notes), so
+``publish_dir`` behaves as transformers' ``save_pretrained`` does: it writes the files it owns and leaves
+every other file alone. Files are staged in a private folder inside the target, then each is moved into
+place with an atomic ``os.replace`` (``config.json`` files last), under an inter-process lock, so a reader
+never finds the output missing and concurrent writers end with one complete version.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import hashlib
+import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import torch
+from filelock import FileLock
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
+STAGING_PREFIX = ".wave-hf-tmp-"
+OUTPUT_MARKER = ".wave-hf-output.json"
+_CONFIG_NAMES = ("config.json", "merge_config.json")
+_STAGING_RE = re.compile(rf"^{re.escape(STAGING_PREFIX)}(\d+)-")
+
+
+def _lock_path(folder: Path) -> Path:
+    """A lock file outside the folder (in the temp dir), so that the folder itself gains no lock file."""
+    digest = hashlib.sha256(os.fsencode(folder)).hexdigest()[:24]
+    locks = Path(tempfile.gettempdir()) / "wave-hf-locks"
+    locks.mkdir(exist_ok=True)
+    return locks / f"{digest}.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_staging(folder: Path) -> list[Path]:
+    """Remove staging folders of ours that a killed writer left in ``folder`` (their process is gone)."""
+    removed = []
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        match = _STAGING_RE.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _staged_files(staging: Path) -> list[Path]:
+    """Every staged file, relative to ``staging``: configs last, the top-level config very last."""
+    files = [p.relative_to(staging) for p in staging.rglob("*") if p.is_file() or p.is_symlink()]
+    return sorted(files, key=lambda p: (p.name in _CONFIG_NAMES, p.name in _CONFIG_NAMES and len(p.parts) == 1,
+                                        str(p)))
+
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder beside ``final``; on success it replaces ``final``, on error it vanishes.
+def publish_dir(target: str | os.PathLike, *, owned: Sequence[str] = ()) -> Iterator[Path]:
+    """Yield a staging folder; on success publish its files into ``target`` one atomic rename each.
 
-    A reader never sees a half-written folder: the old version stays in place until the new one is
-    complete, and is swapped out by two renames.
+    Files of ``target`` that the new version does not contain are kept, except those matching one of the
+    ``owned`` glob patterns (relative paths, e.g. ``"scalers/*.safetensors"``): those belonged to an earlier
+    version written by the same saver and are removed. On error the staging folder vanishes and ``target``
+    is untouched.
     """
-    final = Path(final).absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not final.is_dir():
-        raise FileExistsError(f"{final} exists and is not a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    if not os.fspath(target):
+        raise ValueError("output folder must be a non-empty path, got ''")
+    target = Path(target).absolute()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    created = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)
     try:
-        yield tmp
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=target))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                target.rmdir()
         raise
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the published folder gets the usual permissions
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        yield staging
+        files = _staged_files(staging)
+        umask = os.umask(0)
+        os.umask(umask)
+        for rel in files:  # savers that write through mkstemp leave 0600; publish with the usual permissions
+            if not (staging / rel).is_symlink():
+                (staging / rel).chmod(0o666 & ~umask)
+        with FileLock(_lock_path(target)):
+            sweep_stale_staging(target)
+            new = {p.as_posix() for p in files}
+            for pattern in owned:
+                for old in target.glob(pattern):
+                    rel = old.relative_to(target).as_posix()
+                    if old.is_file() and rel not in new and fnmatch.fnmatch(rel, pattern):
+                        old.unlink()
+            for rel in files:
+                dest = target / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if dest.is_dir() and not dest.is_symlink():
+                    raise IsADirectoryError(f"cannot write {dest}: a folder of that name is in the way")
+                os.replace(staging / rel, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:  # a failed first save leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                target.rmdir()
+
+
+def require_finite(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """Refuse to save a broken model: a NaN or Inf weight is named, and nothing is written."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"refusing to save {what}: tensor {name!r} has {bad} NaN/Inf values "
+                             f"(of {tensor.numel()}); nothing was written")
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (),
+                     overwrite: bool = False, flag: str = "--out") -> Path:
+    """Refuse an output folder whose writing could hurt what the user has, before any work is done.
+
+    Refused: an empty path; the current folder or one of its ancestors; an input or an ancestor of an
+    input (local paths only: a Hub repo id is not a folder); a non-empty folder that wave-hf did not write
+    (its ``OUTPUT_MARKER`` is missing) unless ``overwrite``. Nothing in the folder is ever deleted, but
+    writing into a foreign folder would mix our files with the user's.
+    """
+    text = os.fspath(out)
+    if not text.strip():
+        raise ValueError(f"{flag} must name a folder, got {text!r}")
+    path = Path(text).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if _is_within(cwd, path):
+        raise ValueError(f"{flag} {text!r} is the current folder or one of its parents ({path}); "
+                         "give a new sub-folder, e.g. --out outputs/model")
+    for ref in inputs:
+        ref_text = os.fspath(ref)
+        if not ref_text or not os.path.exists(ref_text):
+            continue
+        ref_path = Path(ref_text).expanduser().resolve()
+        if _is_within(ref_path, path):
+            raise ValueError(f"{flag} {text!r} is the input {ref_text!r} or a folder containing it; "
+                             "give an output folder outside the inputs")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{flag} {text!r} exists and is not a folder")
+    if (path.is_dir() and any(not p.name.startswith(STAGING_PREFIX) for p in path.iterdir())
+            and not (path / OUTPUT_MARKER).is_file() and not overwrite):
+        raise FileExistsError(f"{flag} {text!r} is a non-empty folder that wave-hf did not write; "
+                              "pass --overwrite to write into it anyway (other files are kept)")
+    return path
+
+
+def mark_output(folder: str | os.PathLike, command: str) -> None:
+    """Record that ``folder`` is a wave-hf output, so that a later run may write into it again."""
+    path = Path(folder) / OUTPUT_MARKER
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"written_by": "wave-hf", "command": command}) + "\n")
+    os.replace(tmp, path)
 
 
 def resolve_folder(

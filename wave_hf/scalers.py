@@ -26,6 +26,7 @@ from torch import nn
 from . import vit_layout
 from .configuration_wave import WaveTemplateConfig
 from .kronecker import interpolate_depth, random_orthogonal, resize_ratio
+from .validation import MAX_DEPTH, MAX_WIDTH, check_int, check_memory
 
 MATRIX_TYPES = ("qkv", "o", "fc1", "fc2")
 FORMAT = "wave-hf-scalers-v1"
@@ -61,31 +62,38 @@ def _is_gain(name: str) -> bool:
     return name.endswith("ln_weight") or name in ("ln1_weight", "ln2_weight")
 
 
-def check_size(config: WaveTemplateConfig, depth: int, width: int, num_heads: int | None = None) -> int:
-    """Validate a target size against the bank and return its head count."""
-    for name, value in (("depth", depth), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if depth < 1 or depth > 1024:
-        raise ValueError(f"depth must be in [1, 1024], got {depth}")
+def check_target_size(config: WaveTemplateConfig, depth: int, width: int, num_heads: int | None = None
+                      ) -> tuple[int, int, int]:
+    """Validate a target size against the bank: ``(depth, width, num_heads)`` as plain ints.
+
+    Numpy/torch integers are accepted and converted (a size must end up in a JSON ``config.json``); the
+    bounds are ``validation.MAX_DEPTH`` and ``validation.MAX_WIDTH``, checked before anything is allocated.
+    """
+    depth = check_int("depth", depth, 1, MAX_DEPTH)
+    width = check_int("width", width)
     dt = config.template_width
     if width < dt or width % dt:
         raise ValueError(
             f"width={width} must be a positive multiple of the bank's template_width={dt} "
             f"(e.g. {dt}, {2 * dt}, {3 * dt}, ...)"
         )
+    check_int("width", width, dt, MAX_WIDTH, hint=" (validation.MAX_WIDTH)")
     if num_heads is None:
         if width % config.head_dim:
             raise ValueError(
                 f"width={width} is not a multiple of head_dim={config.head_dim}; pass num_heads dividing {width}"
             )
-        return width // config.head_dim
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        return depth, width, width // config.head_dim
+    num_heads = check_int("num_heads", num_heads, 1, width)
     if width % num_heads:
         divisors = [h for h in range(1, min(width, 64) + 1) if width % h == 0]
         raise ValueError(f"num_heads={num_heads} does not divide width={width}; accepted: {divisors}")
-    return num_heads
+    return depth, width, num_heads
+
+
+def check_size(config: WaveTemplateConfig, depth: int, width: int, num_heads: int | None = None) -> int:
+    """Validate a target size against the bank and return its head count (see ``check_target_size``)."""
+    return check_target_size(config, depth, width, num_heads)[2]
 
 
 def check_lowrank_rank(rank: int, width: int) -> int:
@@ -93,12 +101,13 @@ def check_lowrank_rank(rank: int, width: int) -> int:
 
     ``width`` is ``min(out, in)`` of the target's smallest matrices (q, k, v, o are ``width x width``).
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= width:
+    try:
+        return check_int("lowrank_rank", rank, 0, width)
+    except (TypeError, ValueError):
         raise ValueError(
             f"lowrank_rank must be an int in [0, {width}] (0 is off; {width} = min(out, in) of the smallest "
             f"matrix at width {width}), got {rank!r}"
-        )
-    return rank
+        ) from None
 
 
 def matrix_shapes(config: WaveTemplateConfig, width: int) -> dict[str, tuple[int, int]]:
@@ -118,8 +127,10 @@ class Scalers(nn.Module):
     def __init__(self, config: WaveTemplateConfig, depth: int, width: int, num_heads: int | None = None,
                  lowrank_rank: int = 0):
         super().__init__()
-        self.num_heads = check_size(config, depth, width, num_heads)
+        depth, width, self.num_heads = check_target_size(config, depth, width, num_heads)
         self.lowrank_rank = check_lowrank_rank(lowrank_rank, width)
+        check_memory(4 * self.num_elements(config, depth, width, self.lowrank_rank),
+                     f"scalers for depth={depth}, width={width}")
         self.depth, self.width = depth, width
         self.ratio = width // config.template_width
         self.template_width = config.template_width
@@ -137,6 +148,18 @@ class Scalers(nn.Module):
             for name, (rows, cols) in matrix_shapes(config, width).items():
                 self.lowrank_a[name] = nn.Parameter(torch.zeros(depth, rows, lowrank_rank))
                 self.lowrank_b[name] = nn.Parameter(torch.zeros(depth, lowrank_rank, cols))
+
+    @staticmethod
+    def num_elements(config: WaveTemplateConfig, depth: int, width: int, lowrank_rank: int = 0) -> int:
+        """Entries of the scalers of this size, computed without allocating them (for ``check_memory``)."""
+        n, j, a = config.num_templates, config.num_vector_templates, config.template_width
+        r = width // a
+        total = len(MATRIX_TYPES) * depth * n * r * r
+        for kind in vector_kinds(config).values():
+            lead = depth if kind.per_layer else 1
+            total += lead * j * (r + kind.extra * a * kind.unit_multiple)
+        total += sum(depth * lowrank_rank * (rows + cols) for rows, cols in matrix_shapes(config, width).values())
+        return total
 
     def extra_repr(self) -> str:
         text = f"depth={self.depth}, width={self.width}, num_heads={self.num_heads}, r={self.ratio}"
@@ -235,8 +258,30 @@ class Scalers(nn.Module):
         return out
 
     # ------------------------------------------------------------------------------------------ I/O
+    def check_compatible(self, config: WaveTemplateConfig) -> None:
+        """Raise ``ValueError`` unless every tensor has the shape ``config`` gives scalers of this size: scalers
+        of another bank (other template width or count) would fail deep inside the assembly otherwise."""
+        with torch.device("meta"):
+            ref = Scalers(config, self.depth, self.width, self.num_heads, self.lowrank_rank)
+        mine = self.state_dict()
+        for key, value in ref.state_dict().items():
+            if key not in mine or mine[key].shape != value.shape:
+                got = tuple(mine[key].shape) if key in mine else "nothing"
+                raise ValueError(f"scalers tensor {key} has shape {got}; this bank needs {tuple(value.shape)} "
+                                 f"(scalers of another bank?)")
+
+    def check_finite(self, what: str = "scalers") -> None:
+        """Raise ``ValueError`` naming the first tensor that holds NaN or Inf: such scalers build NaN weights."""
+        for key, value in self.state_dict().items():
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{what}: tensor {key} contains NaN or Inf")
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write one safetensors file (atomically), with the size (and any low-rank rank) in its metadata."""
+        """Write one safetensors file (atomically), with the size (and any low-rank rank) in its metadata.
+
+        Non-finite scalers are refused: the file would load only to build NaN weights.
+        """
+        self.check_finite(f"scalers for depth={self.depth}, width={self.width}")
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT, "depth": str(self.depth), "width": str(self.width),
                 "num_heads": str(self.num_heads), "template_width": str(self.template_width)}
@@ -251,11 +296,38 @@ class Scalers(nn.Module):
             if os.path.exists(tmp):
                 os.remove(tmp)
 
+    @staticmethod
+    def read_metadata(path: str, meta: dict[str, str], config: WaveTemplateConfig) -> tuple[int, int, int, int]:
+        """``(depth, width, num_heads, lowrank_rank)`` from a scalers file's metadata, validated against the
+        bank and the limits before any tensor is read: the metadata is untrusted (a file saying width 2**20
+        would otherwise allocate terabytes)."""
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a wave-hf scalers file (format={meta.get('format')!r})")
+        values = {}
+        for key in ("depth", "width", "num_heads", "template_width", "lowrank_rank"):
+            raw = meta.get(key, "0" if key == "lowrank_rank" else None)
+            if raw is None:
+                raise ValueError(f"{path}: the metadata has no {key!r} (a file written by Scalers.save has it)")
+            if not (raw.isascii() and raw.isdecimal() and len(raw) <= 9):
+                raise ValueError(f"{path}: metadata {key}={raw!r} is not a decimal integer")
+            values[key] = int(raw)
+        if values["template_width"] != config.template_width:
+            raise ValueError(f"{path}: metadata template_width={values['template_width']}, but the bank's "
+                             f"template_width is {config.template_width}")
+        try:
+            depth, width, heads = check_target_size(config, values["depth"], values["width"], values["num_heads"])
+            rank = check_lowrank_rank(values["lowrank_rank"], width)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: the metadata describes scalers this bank cannot use: {err}") from None
+        return depth, width, heads, rank
+
     @classmethod
     def load(cls, path: str | os.PathLike, config: WaveTemplateConfig) -> Scalers:
         """Read a file written by ``save`` and check every tensor against the bank's config.
 
-        A file without ``lowrank_rank`` metadata (all files written before the correction existed) has rank 0.
+        The metadata is validated first, then every tensor's shape from the header, and only then are the
+        tensors read. A file without ``lowrank_rank`` metadata (written before the correction existed) has
+        rank 0.
         """
         from safetensors import safe_open
 
@@ -265,25 +337,23 @@ class Scalers(nn.Module):
         try:
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+        except Exception as err:
+            raise OSError(f"{path} is not a readable safetensors file ({err})") from err
+        out = cls(config, *cls.read_metadata(path, meta, config))
+        expected = {key: tuple(value.shape) for key, value in out.state_dict().items()}
+        missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        if missing or extra:
+            raise ValueError(f"{path}: missing tensors {missing}, unexpected tensors {extra}")
+        for key, shape in shapes.items():
+            if shape != expected[key]:
+                raise ValueError(f"{path}: tensor {key} has shape {shape}, expected {expected[key]}")
+        try:
             tensors = load_file(path)
         except Exception as err:
             raise OSError(f"{path} is not a readable safetensors file ({err})") from err
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a wave-hf scalers file (format={meta.get('format')!r})")
-        out = cls(config, int(meta["depth"]), int(meta["width"]), int(meta["num_heads"]),
-                  int(meta.get("lowrank_rank", "0")))
-        expected = out.state_dict()
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise ValueError(f"{path}: missing tensors {missing}, unexpected tensors {extra}")
-        for key, value in tensors.items():
-            if value.shape != expected[key].shape:
-                raise ValueError(
-                    f"{path}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
-                )
-            if not torch.isfinite(value).all():
-                raise ValueError(f"{path}: tensor {key} contains NaN or Inf")
         out.load_state_dict(tensors)
+        out.check_finite(path)
         return out
 
     @staticmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -11,9 +12,10 @@ from transformers import PreTrainedModel
 
 from . import cards
 from .configuration_wave import WaveTemplateConfig
-from .io import atomic_dir, push_folder
+from .io import publish_dir, push_folder, require_finite
 from .rule import assemble
 from .scalers import MATRIX_TYPES, Scalers
+from .validation import check_memory
 
 
 def template_shapes(config: WaveTemplateConfig) -> dict[str, tuple[int, int, int]]:
@@ -35,6 +37,12 @@ class TemplateBank(PreTrainedModel):
     _no_split_modules: list[str] = []
 
     def __init__(self, config: WaveTemplateConfig):
+        if not isinstance(config, WaveTemplateConfig):
+            raise TypeError(f"config must be a WaveTemplateConfig, got {type(config).__name__}")
+        templates = sum(math.prod(shape) for shape in template_shapes(config).values())
+        aux = Scalers.num_elements(config, config.aux_depth, config.aux_width)
+        check_memory(4 * (templates + aux), f"a template bank of {config.num_templates} templates at "
+                                            f"template_width={config.template_width}")
         super().__init__(config)
         self.templates = nn.ParameterDict(
             {t: nn.Parameter(torch.empty(shape)) for t, shape in template_shapes(config).items()}
@@ -59,6 +67,8 @@ class TemplateBank(PreTrainedModel):
         return assemble(self.config, self.templates, self.aux if scalers is None else scalers)
 
     def check_finite(self) -> None:
+        """Raise ``ValueError`` naming the first tensor that holds NaN or Inf: such a bank builds NaN weights,
+        so it is refused at load and before saving."""
         for name, tensor in self.state_dict().items():
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"template bank tensor {name!r} contains NaN or Inf")
@@ -69,9 +79,10 @@ class TemplateBank(PreTrainedModel):
 
     # --------------------------------------------------------------------------------------- saving
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """transformers' save, written to a temp folder and renamed, plus a generated model card."""
+        """transformers' save plus a generated model card; other files in the folder are left alone."""
         kwargs.pop("push_to_hub", None)
-        with atomic_dir(save_directory) as tmp:
+        require_finite(self.state_dict().items(), "the template bank")
+        with publish_dir(save_directory) as tmp:
             super().save_pretrained(tmp, **kwargs)
             cards.bank_card(self).save(tmp / "README.md")
 

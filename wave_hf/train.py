@@ -16,6 +16,14 @@ from transformers import Trainer, TrainingArguments, ViTForImageClassification
 from transformers.trainer_callback import PrinterCallback
 
 from .data import collate_images
+from .validation import MAX_SEED, check_float, check_int
+
+
+def _check_model_and_data(model: object, dataset: object, name: str) -> None:
+    if not isinstance(model, ViTForImageClassification):
+        raise TypeError(f"model must be a ViTForImageClassification, got {type(model).__name__}")
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")) or isinstance(dataset, (str, bytes)):
+        raise TypeError(f"{name} must be a map-style dataset (len and [i]), got {type(dataset).__name__}")
 
 
 def accuracy(eval_pred) -> dict[str, float]:
@@ -26,6 +34,8 @@ def accuracy(eval_pred) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(model: ViTForImageClassification, dataset: Dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy on ``dataset`` (items with ``pixel_values`` and ``labels``)."""
+    _check_model_and_data(model, dataset, "dataset")
+    batch_size = check_int("batch_size", batch_size, 1)
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     model.eval()
@@ -54,8 +64,18 @@ def finetune(
     Returns the trained model (the same object). ``output_dir`` receives the Trainer's checkpoints; without
     it they go to a temporary folder that is removed afterwards.
     """
+    _check_model_and_data(model, train_dataset, "train_dataset")
     if len(train_dataset) == 0:
         raise ValueError("train_dataset is empty: fine-tuning needs at least one labelled image")
+    # Checked here, not by TrainingArguments: it accepts epochs=-1 (no training at all) and lr=nan.
+    epochs = check_float("epochs", epochs, 0, low_open=True)
+    learning_rate = check_float("learning_rate", learning_rate, 0, low_open=True)
+    batch_size = check_int("batch_size", batch_size, 1)
+    weight_decay = check_float("weight_decay", weight_decay, 0)
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+    seed = check_int("seed", seed, 0, MAX_SEED)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {progress!r}")
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=os.fspath(output_dir or tmp),

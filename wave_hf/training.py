@@ -11,15 +11,19 @@ resume bit for bit. The loop is deliberately small:
 * **Global batch = ``batch_size`` on any number of processes.** The ``Accelerator`` splits each batch
   across processes (``split_batches=True``) and DDP averages the gradients, so ``accelerate launch
   --num_processes 2`` trains on the same samples per step as one process (up to float rounding).
-* **Checkpoints** are ``Accelerator.save_state`` folders ``output_dir/checkpoints/step_XXXXXXXX`` (model,
-  optimizer, scheduler, RNG, step counter and loss history); the newest one is loaded on start.
+* **Checkpoints** are ``wave_hf.checkpoint`` folders ``output_dir/checkpoints/step_XXXXXXXX`` (trainable
+  parameters, optimizer, scheduler, RNG, step counter and loss history; safetensors and JSON, never pickle),
+  written atomically and stamped with the run's fingerprint; the newest complete one is loaded on start, and
+  one written by another run (seed, lr, data, ...) is refused.
+* **Finite or fail.** The input batch and the loss are checked at every step and the trained parameters
+  before every save and at the end: a NaN/Inf raises ``NonFiniteError`` naming the step and the tensor, and
+  nothing is saved for it.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +38,19 @@ from torch.utils.data import DataLoader, Subset
 from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging
 
+from .checkpoint import CKPT_DIR as CKPT_DIR  # re-exported: public names of this module before checkpoint.py
+from .checkpoint import NonFiniteError as NonFiniteError
+from .checkpoint import (
+    complete_checkpoints,
+    dataset_fingerprint,
+    ensure_finite,
+    ensure_finite_parameters,
+    load_latest,
+    save_checkpoint,
+)
 from .data import collate_images as collate
 
 logger = logging.get_logger(__name__)
-
-CKPT_DIR = "checkpoints"
 LABEL_KEYS = ("labels", "label")
 
 
@@ -184,7 +196,7 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
 
 
 class _Progress:
-    """Global step and loss history, saved inside every checkpoint (``register_for_checkpointing``)."""
+    """Global step and loss history, saved (as JSON) inside every checkpoint."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -210,9 +222,8 @@ class LoopResult:
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """The checkpoint folders of a run, oldest first."""
-    root = Path(output_dir) / CKPT_DIR
-    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+    """The complete checkpoint folders of a run, oldest first (temp, torn and foreign folders are skipped)."""
+    return [c.path for c in complete_checkpoints(output_dir)]
 
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
@@ -226,11 +237,16 @@ def run_loop(
     settings: LoopSettings,
     *,
     lr: float,
+    fingerprint: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, LoopResult]:
     """Train ``model`` in place with AdamW + cosine (linear warm-up); returns the unwrapped model and a log.
 
     ``param_groups`` are AdamW groups (each may set its own ``weight_decay``). ``loss_fn(model, batch)`` gets
     the prepared (possibly DDP-wrapped) model and this process's share of the batch, already on device.
+    ``fingerprint`` (JSON values) identifies the run in its checkpoints, with the loop's own settings (steps,
+    batch size, warm-up, seed, lr) and, unless given as ``data``, a hash of ``dataset``: a checkpoint
+    written under another fingerprint is refused (``CheckpointMismatchError``). Raises ``NonFiniteError``
+    on a NaN/Inf input, loss or trained parameter, before anything is saved.
     """
     set_seed(settings.seed)
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
@@ -247,32 +263,31 @@ def run_loop(
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
     progress = _Progress()
-    accelerator.register_for_checkpointing(progress)
 
     out_dir = Path(settings.output_dir) if settings.output_dir is not None else None
     result = LoopResult(total_steps=settings.steps)
-    if out_dir is not None and checkpoints(out_dir):
-        last = checkpoints(out_dir)[-1]
-        accelerator.load_state(str(last))
-        result.resumed_from = progress.step
-        logger.info(f"resumed from {last} at step {progress.step}/{settings.steps}")
+    run_id: dict[str, Any] = {}
+    if out_dir is not None:
+        run_id = {**(fingerprint or {}), "steps": settings.steps, "batch_size": settings.batch_size,
+                  "warmup_steps": settings.warmup_steps, "seed": settings.seed, "lr": lr}
+        if "data" not in run_id:
+            run_id["data"] = dataset_fingerprint(dataset)
+        last = load_latest(out_dir, run_id, accelerator=accelerator)
+        if last is not None:
+            progress.load_state_dict(last.restore(model=model, optimizer=optimizer, scheduler=scheduler,
+                                                  accelerator=accelerator))
+            result.resumed_from = progress.step
+            logger.info(f"resumed from {last.path} at step {progress.step}/{settings.steps}")
+    hint = f"lower the learning rate (lr={lr}) or check the data"
+    hints = {"pixel_values": "check the input data", "loss": hint}
 
     def save() -> None:
+        ensure_finite_parameters(accelerator.unwrap_model(model), step=progress.step, hint=hint)
         if out_dir is None:
             return
-        target = out_dir / CKPT_DIR / f"step_{progress.step:08d}"
-        # Every rank must take the same branch: decide before any rank starts writing the folder,
-        # or one rank skips the barriers below while the other waits in them (a deadlock under DDP).
-        accelerator.wait_for_everyone()
-        exists = target.exists()
-        accelerator.wait_for_everyone()
-        if exists:
-            return
-        accelerator.save_state(str(target), safe_serialization=False)  # placeholders are 0-element
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for old in checkpoints(out_dir)[: -settings.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+        save_checkpoint(out_dir, progress.step, model=model, optimizer=optimizer, scheduler=scheduler,
+                        progress_state=progress.state_dict(), fingerprint=run_id, accelerator=accelerator,
+                        keep=settings.keep_checkpoints)
 
     stop_at = settings.steps if settings.max_steps is None else min(settings.steps, settings.max_steps)
     bar = tqdm(total=settings.steps, initial=progress.step, desc=settings.desc,
@@ -281,6 +296,9 @@ def run_loop(
     if progress.step < stop_at:
         for batch in skip_first_batches(loader, progress.step):
             loss = loss_fn(model, batch)
+            # one check for both (and one all-reduce under DDP), before backward so nothing is updated
+            ensure_finite({"pixel_values": batch["pixel_values"], "loss": loss.detach()}, step=progress.step + 1,
+                          total=settings.steps, accelerator=accelerator, hints=hints)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()

@@ -7,11 +7,14 @@ other module of wave-hf asks this one for keys and modules, so the next rename i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
+
+from .validation import MAX_DEPTH, MAX_NUM_LABELS, MAX_WIDTH, check_id2label, check_int, check_memory
 
 ENCODER_PREFIX = "vit."
 CLASSIFIER = "classifier"
@@ -90,16 +93,16 @@ def with_size(shape: ViTShape, depth: int, width: int, num_heads: int | None = N
     The default head count keeps ``shape``'s head size, so that a model derived from a teacher has the
     teacher's head_dim. Raises when the size cannot be a ViT (heads not dividing the width).
     """
-    for name, value in (("depth", depth), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    depth = check_int("depth", depth, 1, MAX_DEPTH)
+    width = check_int("width", width, 1, MAX_WIDTH)
     if num_heads is None:
         if width % shape.head_dim:
             raise ValueError(
                 f"width={width} is not a multiple of head_dim={shape.head_dim}; pass num_heads dividing {width}"
             )
         num_heads = width // shape.head_dim
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or width % num_heads:
+    num_heads = check_int("num_heads", num_heads, 1, width)
+    if width % num_heads:
         divisors = [h for h in range(1, min(width, 64) + 1) if width % h == 0]
         raise ValueError(f"num_heads={num_heads!r} does not divide width={width}; accepted: {divisors}")
     return ViTShape(depth, width, num_heads, shape.mlp_ratio, shape.image_size, shape.patch_size,
@@ -173,10 +176,15 @@ def make_vit_config(
     num_labels: int = 10,
     id2label: dict[int, str] | None = None,
 ) -> ViTConfig:
-    """A stock ``ViTConfig``: the model it describes loads with plain transformers."""
+    """A stock ``ViTConfig``: the model it describes loads with plain transformers.
+
+    ``id2label`` (validated by ``validation.check_id2label``) sets the labels; without it ``num_labels``
+    does, an int in ``[1, MAX_NUM_LABELS]``.
+    """
     if id2label is not None:
-        id2label = {int(k): str(v) for k, v in id2label.items()}
+        id2label = check_id2label(id2label)
         num_labels = len(id2label)
+    num_labels = check_int("num_labels", num_labels, 1, MAX_NUM_LABELS)
     kwargs = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}
     return ViTConfig(
         hidden_size=shape.width,
@@ -214,6 +222,18 @@ def tensor_shapes(shape: ViTShape, num_labels: int | None = None) -> dict[str, t
         out[f"{CLASSIFIER}.weight"] = (num_labels, d)
         out[f"{CLASSIFIER}.bias"] = (num_labels,)
     return out
+
+
+def parameter_count(shape: ViTShape, num_labels: int) -> int:
+    """Parameters of a ``ViTForImageClassification`` of this shape, computed without building it."""
+    return sum(math.prod(size) for size in tensor_shapes(shape, num_labels).values())
+
+
+def check_buildable(shape: ViTShape, num_labels: int, copies: int = 2) -> None:
+    """Refuse, before anything is allocated, a model whose ``copies`` float32 copies of every weight (the
+    assembled or selected state plus the model that takes it) do not fit in the available memory."""
+    check_memory(4 * copies * parameter_count(shape, num_labels),
+                 f"a ViT of depth={shape.depth}, width={shape.width} with {num_labels} labels")
 
 
 def empty_classifier(config: ViTConfig) -> ViTForImageClassification:

@@ -38,10 +38,12 @@ def config_like(
     The default head count keeps the source's head size (a 192-wide, 3-head teacher gives 64-wide heads).
     """
     shape = vit_layout.with_size(vit_layout.shape_of(source), depth, width, num_heads)
-    return vit_layout.make_vit_config(
+    config = vit_layout.make_vit_config(
         shape, layer_norm_eps=source.layer_norm_eps, qkv_bias=source.qkv_bias, hidden_act=source.hidden_act,
         num_labels=num_labels, id2label=id2label,
     )
+    vit_layout.check_buildable(shape, config.num_labels)
+    return config
 
 
 def target_config(
@@ -55,9 +57,11 @@ def target_config(
     initializer: Any = None,
 ) -> ViTConfig:
     """The target's config from the bank if there is one (so every method builds the same architecture as
-    WAVE), else from the teacher."""
+    WAVE), else from the teacher; a target that would not fit in memory is refused before it is built."""
     if initializer is not None:
-        return initializer.vit_config(depth, width, num_heads, num_labels, id2label)
+        config = initializer.vit_config(depth, width, num_heads, num_labels, id2label)
+        vit_layout.check_buildable(vit_layout.shape_of(config), config.num_labels)
+        return config
     if teacher is not None:
         return config_like(load_teacher(teacher).config, depth, width, num_heads, num_labels, id2label)
     raise ValueError("need a teacher= or an initializer= to know the input geometry of the target ViT")

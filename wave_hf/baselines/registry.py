@@ -13,6 +13,8 @@ from typing import Any
 
 from transformers import ViTForImageClassification
 
+from ..validation import MAX_SEED, check_int
+
 
 @dataclass
 class InitRequest:
@@ -95,10 +97,9 @@ def init_model(
         seed: fixes every random choice (head, new scaler entries, data order); same seed, same bits.
         **kw: method options (e.g. ``id2label``, ``steps``, ``max_images``); unknown ones raise in the method.
     """
-    if method not in INIT_METHODS:
+    if not isinstance(method, str) or method not in INIT_METHODS:
         raise ValueError(f"unknown init method {method!r}; registered methods: {sorted(INIT_METHODS)}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = check_int("seed", seed, 0, MAX_SEED)
     entry = INIT_METHODS[method]
     given = {"teacher": teacher, "initializer": initializer, "train_dataset": train_dataset}
     missing = [n for n in entry.needs if given[n] is None]

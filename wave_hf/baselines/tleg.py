@@ -25,7 +25,7 @@ from transformers import ViTForImageClassification
 from .. import vit_layout
 from ..rule import assemble
 from ..scalers import Scalers
-from .common import model_from_encoder
+from .common import model_from_encoder, target_config
 from .registry import InitRequest, register_init_method
 
 WIDTH_EXPANSIONS = ("wave", "none")
@@ -74,10 +74,12 @@ def learngene(initializer: Any, width: int, num_heads: int | None = None, seed: 
                       description="TLEG linear expansion W_l = W_A + (l/L) W_B, fitted to the bank's auxiliary model")
 def tleg(req: InitRequest) -> ViTForImageClassification:
     """Any depth (the line is only sampled at ``l / L``, never extrapolated past the auxiliary range)."""
-    config = req.initializer.vit_config(req.depth, req.width, req.num_heads, req.num_labels, req.id2label)
-    layers, state = learngene(req.initializer, req.width, config.num_attention_heads, req.seed,
+    config = target_config(req.depth, req.width, num_heads=req.num_heads, num_labels=req.num_labels,
+                           id2label=req.id2label, initializer=req.initializer)
+    depth = config.num_hidden_layers
+    layers, state = learngene(req.initializer, config.hidden_size, config.num_attention_heads, req.seed,
                               req.options.get("width_expansion", "wave"))
-    for layer in range(req.depth):
+    for layer in range(depth):
         for name, (base, slope) in layers.items():
-            state[vit_layout.layer_key(layer, name)] = base + (layer / req.depth) * slope
+            state[vit_layout.layer_key(layer, name)] = base + (layer / depth) * slope
     return model_from_encoder(config, state, req.seed)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..validation import MAX_AUGMENT_COPIES, MAX_SEED, check_int, check_memory
 from .common import MergeData, augment, check_images, images_of, model_source, validate_models
 from .merged import EnsembleViT, MergedViT
 
@@ -53,7 +54,7 @@ class MergeMethod:
 
 
 def get_method(method: str, **kwargs) -> MergeMethod:
-    if method not in MERGE_METHODS:
+    if not isinstance(method, str) or method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method {method!r}; registered methods: {sorted(MERGE_METHODS)}")
     cls = MERGE_METHODS[method]
     names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
@@ -65,16 +66,21 @@ def get_method(method: str, **kwargs) -> MergeMethod:
 
 def prepare_data(models, tasks, train_datasets, *, images_per_task: int, augment_copies: int, seed: int,
                  uses_augmented: bool = True) -> MergeData:
-    """Take ``images_per_task`` images of each task's dataset and make the augmented copies once."""
+    """Take ``images_per_task`` images of each task's dataset and make the augmented copies once (after
+    checking that they fit in memory: ``augment_copies`` multiplies every image)."""
     if train_datasets is None:
         raise ValueError("this merge method needs merge images: pass train_datasets=[one dataset per task]")
     if isinstance(train_datasets, (str, bytes)) or len(train_datasets) != len(tasks):
         n = 1 if isinstance(train_datasets, (str, bytes)) else len(train_datasets)
         raise ValueError(f"got {len(tasks)} tasks but {n} datasets; give one dataset per task")
-    if not isinstance(images_per_task, int) or images_per_task < 1:
-        raise ValueError(f"images_per_task must be an integer >= 1, got {images_per_task!r}")
-    if not isinstance(augment_copies, int) or augment_copies < 0:
-        raise ValueError(f"augment_copies must be an integer >= 0, got {augment_copies!r}")
+    config = models[0].config
+    per_image = 4 * config.num_channels * config.image_size**2  # float32 (C, H, W)
+    count = sum(min(images_per_task, len(ds)) if hasattr(ds, "__len__") else images_per_task
+                for ds in train_datasets)
+    copies = 1 + (augment_copies if uses_augmented else 0)
+    # x2: the originals and copies are concatenated once more for training (``MergeData.all_images``).
+    check_memory(2 * per_image * count * copies,
+                 f"{count} merge images x {copies} (originals + augment_copies={augment_copies})")
     originals = [images_of(ds, images_per_task, seed=seed + i, task=t)
                  for i, (ds, t) in enumerate(zip(train_datasets, tasks))]
     check_images(originals, tasks, models[0].config)
@@ -100,6 +106,11 @@ def merge(models: Sequence[nn.Module], tasks: Sequence[str], method: str = "fs_m
     Returns:
         ``MergedViT`` (one encoder + one head per task), or ``EnsembleViT`` for ``method="ensemble"``.
     """
+    # Checked for every method (a typo must not pass silently because this method ignores the value).
+    images_per_task = check_int("images_per_task", images_per_task, 1)
+    augment_copies = check_int("augment_copies", augment_copies, 0, MAX_AUGMENT_COPIES,
+                               hint=" (validation.MAX_AUGMENT_COPIES)")
+    seed = check_int("seed", seed, 0, MAX_SEED)
     impl = get_method(method, **({"seed": seed} if _has_field(method, "seed") else {}), **kwargs)
     validate_models(models, tasks)
     data = None
@@ -124,7 +135,7 @@ def merge(models: Sequence[nn.Module], tasks: Sequence[str], method: str = "fs_m
 
 
 def _has_field(method: str, name: str) -> bool:
-    cls = MERGE_METHODS.get(method)
+    cls = MERGE_METHODS.get(method) if isinstance(method, str) else None
     return cls is not None and dataclasses.is_dataclass(cls) and name in {f.name for f in dataclasses.fields(cls)}
 
 

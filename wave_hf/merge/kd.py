@@ -37,7 +37,7 @@ class KD(TrainingOptions, MergeMethod):
         student = Student(models[0])
         x, ids, y = routed_targets(models, data.all_images())
         before = reconstruction_loss(student, x, ids, y)
-        res = train_reconstruction(student, x, ids, y, self.train_config())
+        res = train_reconstruction(student, x, ids, y, self.train_config(), fingerprint={"method": "kd"})
         merged = from_encoder(models, tasks, encoder_state(student.model))
         merged.metadata.update({
             "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),

@@ -3,7 +3,7 @@
 On-disk layout written by ``save_pretrained(dir)`` (atomically: a temp dir next to ``dir``, then rename)::
 
     dir/merge_config.json        method, tasks, source models, whether it is a single model, metadata
-    dir/README.md                model card (``model_cards/merge_card.md``), base_model = the sources
+    dir/README.md                model card (``wave_hf/model_cards/merge_card.md``), base_model = the sources
     dir/<task>/                  a plain ``ViTForImageClassification`` folder per task (config.json +
                                  model.safetensors); load it with transformers alone, no wave-hf import.
 
@@ -21,32 +21,15 @@ from pathlib import Path
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
+from .. import cards
 from .. import vit_layout as L
-from ..io import atomic_dir, push_folder
+from ..io import publish_dir, push_folder, require_finite
+from ..validation import check_id2label, check_unique_names
 
 CONFIG_NAME = "merge_config.json"
 FORMAT = "wave-hf-merge"
 FORMAT_VERSION = 1
 CARD_TAGS = ["wave-hf", "merge", "fs-merge", "vit"]
-
-_DEFAULT_CARD = """---
-{{ card_data }}
----
-
-# {{ title }}
-
-Merged with wave-hf ({{ method }}). Tasks: {{ tasks | join(", ") }}.
-"""
-
-
-def _card_template() -> str:
-    """``model_cards/merge_card.md`` from the repo root (or packaged), else a minimal built-in template."""
-    here = Path(__file__).resolve()
-    for cand in (here.parents[2] / "model_cards" / "merge_card.md", here.parents[1] / "model_cards" / "merge_card.md"):
-        if cand.is_file():
-            return cand.read_text()
-    return _DEFAULT_CARD
-
 
 def _task_config(config: ViTConfig, id2label: dict[int, str]) -> ViTConfig:
     cfg = copy.deepcopy(config)
@@ -136,7 +119,7 @@ class _MultiTaskResult:
         )
         return ModelCard.from_template(
             data,
-            template_str=_card_template(),
+            template_path=str(cards.template_path("merge_card.md")),
             title=name,
             method=self.method,
             single_model=self.is_single_model,
@@ -149,9 +132,12 @@ class _MultiTaskResult:
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, accuracies: dict[str, float] | None = None,
                         safe_serialization: bool = True) -> Path:
-        """Write the documented layout atomically; an existing ``save_directory`` is replaced only on success."""
+        """Write the documented layout; files are published one atomic rename each, other files are kept."""
+        check_unique_names(self.tasks, "task name")  # they become folder names; ``tasks`` may have been edited
         target = Path(save_directory).resolve()
-        with atomic_dir(target) as tmp:
+        for task in self.tasks:
+            require_finite(self.for_task(task).state_dict().items(), f"the merged model of task {task!r}")
+        with publish_dir(target) as tmp:
             for task in self.tasks:
                 self.for_task(task).save_pretrained(tmp / task, safe_serialization=safe_serialization)
             cfg = self.merge_config()
@@ -168,36 +154,82 @@ class _MultiTaskResult:
 
     @staticmethod
     def from_pretrained(directory: str | os.PathLike):
-        """Load a folder written by ``save_pretrained`` (a ``MergedViT`` or an ``EnsembleViT``)."""
+        """Load a folder written by ``save_pretrained`` (a ``MergedViT`` or an ``EnsembleViT``).
+
+        ``merge_config.json`` is untrusted: it is validated (``read_merge_config``) before any task folder is
+        opened, so a task name like ``../x`` or ``/etc`` never becomes a path.
+        """
         directory = Path(directory)
-        cfg_path = directory / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path} not found: not a wave-hf merge folder")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
-        if cfg.get("format") != FORMAT:
-            raise ValueError(f"{cfg_path}: format is {cfg.get('format')!r}, expected {FORMAT!r}")
+        cfg = read_merge_config(directory / CONFIG_NAME)
+        tasks = cfg["tasks"]
         models = []
-        for task in cfg["tasks"]:
+        for task in tasks:
             if not (directory / task).is_dir():
                 raise FileNotFoundError(f"{directory / task} missing: the merge config lists task {task!r}")
             models.append(ViTForImageClassification.from_pretrained(directory / task))
         meta = cfg.get("metadata", {})
         if not cfg.get("single_model", True):
-            return EnsembleViT(models, cfg["tasks"], sources=cfg.get("sources"), metadata=meta)
-        from .common import encoder_state, head_state, id2label_of
+            return EnsembleViT(models, tasks, sources=cfg.get("sources"), metadata=meta)
+        from .common import encoder_state, head_state, id2label_of, validate_models
 
+        if len(models) > 1:
+            validate_models(models, tasks)  # the task folders must share one architecture
         return MergedViT(
             config=models[0].config,
             encoder_state=encoder_state(models[0]),
-            heads={t: head_state(m) for t, m in zip(cfg["tasks"], models)},
-            id2label={t: id2label_of(m) for t, m in zip(cfg["tasks"], models)},
+            heads={t: head_state(m) for t, m in zip(tasks, models)},
+            id2label={t: id2label_of(m) for t, m in zip(tasks, models)},
             sources=cfg.get("sources", []),
             method=cfg.get("method", "?"),
             metadata=meta,
         )
+
+
+#: ``merge_config.json`` keys: the JSON types accepted and how a message describes them.
+_CONFIG_KEYS = {
+    "format": (str, "a string"),
+    "format_version": (int, "an integer"),
+    "method": (str, "a string"),
+    "single_model": (bool, "true or false"),
+    "tasks": (list, "a list of task names"),
+    "sources": (list, "a list of strings"),
+    "layout": (dict, "an object"),
+    "metadata": (dict, "an object"),
+}
+
+
+def read_merge_config(path: Path) -> dict:
+    """``merge_config.json`` parsed and validated: a JSON object, every known key of the right type, the
+    format and version this code writes, and task names that are safe folder names (``check_name``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a wave-hf merge folder")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object {{...}}, got {type(cfg).__name__}")
+    for key in ("format", "tasks"):
+        if key not in cfg:
+            raise ValueError(f"{path} has no key {key!r}: not a folder written by wave-hf's merge")
+    for key, (kind, text) in _CONFIG_KEYS.items():
+        value = cfg.get(key)
+        if key in cfg and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise ValueError(f"{path}: key {key!r} must be {text}, got {value!r}")
+    if cfg["format"] != FORMAT:
+        raise ValueError(f"{path}: key 'format' is {cfg['format']!r}, expected {FORMAT!r}")
+    if cfg.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ValueError(f"{path}: key 'format_version' is {cfg['format_version']}; this wave-hf reads up to "
+                         f"{FORMAT_VERSION} (upgrade wave-hf)")
+    if not all(isinstance(s, str) for s in cfg.get("sources", [])):
+        raise ValueError(f"{path}: key 'sources' must be a list of strings, got {cfg['sources']!r}")
+    try:
+        cfg["tasks"] = check_unique_names(cfg["tasks"], "task name")
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: key 'tasks': {err}") from None
+    if not cfg["tasks"]:
+        raise ValueError(f"{path}: key 'tasks' is empty; a merge has one task folder per task")
+    return cfg
 
 
 class MergedViT(_MultiTaskResult):
@@ -211,18 +243,40 @@ class MergedViT(_MultiTaskResult):
     def __init__(self, *, config: ViTConfig, encoder_state: dict[str, torch.Tensor],
                  heads: dict[str, tuple[torch.Tensor, torch.Tensor]], id2label: dict[str, dict[int, str]],
                  sources: Sequence[str] = (), method: str = "?", metadata: dict | None = None):
+        if not isinstance(config, ViTConfig):
+            raise TypeError(f"config must be a ViTConfig, got {type(config).__name__}")
+        if not isinstance(heads, dict) or not heads:
+            raise TypeError(f"heads must be a non-empty dict {{task: (weight, bias)}}, got "
+                            f"{heads if isinstance(heads, dict) else type(heads).__name__}")
+        if not isinstance(id2label, dict):
+            raise TypeError(f"id2label must be a dict {{task: {{id: label}}}}, got {type(id2label).__name__}")
+        self.tasks = check_unique_names(heads, "task name")  # task names become folder names when saved
+        _check_str_list(sources, "sources")
+        if not isinstance(method, str):
+            raise TypeError(f"method must be a string, got {method!r}")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+        shapes = L.tensor_shapes(L.shape_of(config))
+        _check_tensors(encoder_state, shapes, "encoder_state")
+        self.id2label = {}
+        for task, head in heads.items():
+            if task not in id2label:
+                raise ValueError(f"id2label has no labels for task {task!r}; it has {sorted(id2label)}")
+            labels = check_id2label(id2label[task], f"id2label[{task!r}]")
+            n = len(labels)
+            if not (isinstance(head, (tuple, list)) and len(head) == 2):
+                raise TypeError(f"heads[{task!r}] must be a (weight, bias) pair of tensors, got {type(head).__name__}")
+            _check_tensors(dict(zip(L.classifier_keys(), head)), dict(zip(L.classifier_keys(),
+                                                                            ((n, config.hidden_size), (n,)))),
+                           f"heads[{task!r}]")
+            self.id2label[task] = labels
         self.config = config
         # Held on the CPU whatever device trained it, like a model fresh from ``from_pretrained``.
         self.encoder_state = {k: v.detach().cpu() for k, v in encoder_state.items()}
         self.heads = {t: (w.detach().cpu(), b.detach().cpu()) for t, (w, b) in heads.items()}
-        self.tasks = list(heads)
-        self.id2label = id2label
         self.sources = list(sources)
         self.method = method
         self.metadata = dict(metadata or {})
-        missing = set(L.encoder_keys(config.num_hidden_layers)) - set(encoder_state)
-        if missing:
-            raise ValueError(f"encoder_state is missing {len(missing)} keys, e.g. {sorted(missing)[:3]}")
 
     def for_task(self, task: str) -> ViTForImageClassification:
         self._check_task(task)
@@ -269,8 +323,20 @@ class EnsembleViT(_MultiTaskResult):
                  sources: Sequence[str] | None = None, metadata: dict | None = None):
         from .common import id2label_of, model_source
 
+        if isinstance(models, ViTForImageClassification) or not isinstance(models, Sequence):
+            raise TypeError(f"models must be a list of ViTForImageClassification, got {type(models).__name__}")
+        for i, m in enumerate(models):
+            if not isinstance(m, ViTForImageClassification):
+                raise TypeError(f"models[{i}] must be a ViTForImageClassification, got {type(m).__name__}")
+        tasks = check_unique_names(tasks, "task name")  # task names become folder names when saved
+        if len(tasks) != len(models) or not tasks:
+            raise ValueError(f"got {len(models)} models but {len(tasks)} task names; give one task name per model")
+        if sources is not None:
+            _check_str_list(sources, "sources")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
         self.models = dict(zip(tasks, models))
-        self.tasks = list(tasks)
+        self.tasks = tasks
         self.id2label = {t: id2label_of(m) for t, m in self.models.items()}
         self.sources = list(sources) if sources is not None else [model_source(m) for m in models]
         self.metadata = dict(metadata or {})
@@ -284,3 +350,26 @@ class EnsembleViT(_MultiTaskResult):
 
     def __repr__(self) -> str:
         return f"EnsembleViT(tasks={self.tasks}, single_model=False)"
+
+
+def _check_str_list(values: object, name: str) -> None:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not all(
+            isinstance(v, str) for v in values):
+        raise TypeError(f"{name} must be a list of strings, got {values!r}")
+
+
+def _check_tensors(tensors: object, shapes: dict[str, tuple[int, ...]], name: str) -> None:
+    """Every expected key present, a tensor of the expected shape; nothing else. A wrong shape would
+    otherwise surface as a RuntimeError from ``load_state_dict`` at the first ``for_task``."""
+    if not isinstance(tensors, dict):
+        raise TypeError(f"{name} must be a dict of tensors, got {type(tensors).__name__}")
+    missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"{name} is missing {len(missing)} keys (e.g. {missing[:3]}) and has {len(extra)} "
+                         f"unexpected ones (e.g. {extra[:3]})")
+    for key, shape in shapes.items():
+        value = tensors[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}[{key!r}] must be a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{name}[{key!r}] has shape {tuple(value.shape)}, the config needs {tuple(shape)}")

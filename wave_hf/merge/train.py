@@ -3,16 +3,21 @@
 Loss: MSE (mean over elements) between the trained module's feature for each image's own task and the
 frozen original model's final pre-head feature on that image (targets precomputed once). AdamW +
 OneCycleLR (pct_start 0.3, linear anneal, div_factor 25, final_div_factor 1e4). The batch order depends
-only on ``(seed, epoch)``, so a run resumed from a checkpoint (``Accelerator.save_state/load_state``
-under ``output_dir/checkpoints/step_XXXXXXXX``) ends bit-identical to an uninterrupted one.
+only on ``(seed, epoch)``, so a run resumed from a checkpoint (``wave_hf.checkpoint``: safetensors and JSON,
+written atomically, under ``output_dir/checkpoints/step_XXXXXXXX``) ends bit-identical to an uninterrupted
+one. A checkpoint records the run's fingerprint (method, options, seed, lrs, batch size, total steps and a
+hash of every training tensor); another run refuses it. A NaN/Inf input, target, loss or trained parameter
+stops the run with ``NonFiniteError`` before anything is saved.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -21,11 +26,16 @@ from huggingface_hub.utils import tqdm
 from torch import nn
 from transformers.utils import logging
 
-from ..training import CKPT_DIR, LoopResult, checkpoints
+from ..checkpoint import (
+    ensure_finite,
+    ensure_finite_parameters,
+    load_latest,
+    save_checkpoint,
+    tensors_fingerprint,
+)
+from ..training import LoopResult
 
 logger = logging.get_logger(__name__)
-
-
 
 
 @dataclass
@@ -87,16 +97,18 @@ class TrainConfig:
 
 
 class _Counter:
-    """Global step, saved with the accelerate state."""
+    """Global step and loss history, saved (as JSON) inside every checkpoint."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.step = 0
+        self.losses: list[float] = []
 
-    def state_dict(self):
-        return {"step": self.step}
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "losses": list(self.losses)}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.losses = [float(v) for v in state.get("losses", [])]
 
 
 def reconstruction_loss(module: nn.Module, images: torch.Tensor, task_ids: torch.Tensor, targets: torch.Tensor,
@@ -113,9 +125,32 @@ def reconstruction_loss(module: nn.Module, images: torch.Tensor, task_ids: torch
     return total / max(n, 1)
 
 
+def run_fingerprint(module: nn.Module, images: torch.Tensor, task_ids: torch.Tensor, targets: torch.Tensor,
+                    cfg: TrainConfig, total: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What identifies a reconstruction run in its checkpoints: the caller's fields (method, its options), the
+    optimisation settings, the trainable layout and a hash of every training tensor (the targets carry the
+    source models)."""
+    params = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
+    layout = json.dumps([[k, list(p.shape), str(p.dtype)] for k, p in params])
+    return {
+        "method": "reconstruction", **(extra or {}),
+        "trainable_parameters": sum(p.numel() for _, p in params),
+        "trainable_layout": "sha256:" + hashlib.sha256(layout.encode()).hexdigest()[:16],
+        "seed": cfg.seed, "lr": cfg.lr, "lr_diag": cfg.lr_diag, "weight_decay": cfg.weight_decay,
+        "batch_size": cfg.batch_size, "total_steps": total, "pct_start": cfg.pct_start,
+        "div_factor": cfg.div_factor, "final_div_factor": cfg.final_div_factor,
+        "data": tensors_fingerprint({"images": images, "task_ids": task_ids, "targets": targets}),
+    }
+
+
 def train_reconstruction(module: nn.Module, images: torch.Tensor, task_ids: torch.Tensor, targets: torch.Tensor,
-                         cfg: TrainConfig) -> LoopResult:
-    """Train ``module(pixel_values, task_ids) -> (B, d)`` to match ``targets`` (in place)."""
+                         cfg: TrainConfig, *, fingerprint: dict[str, Any] | None = None) -> LoopResult:
+    """Train ``module(pixel_values, task_ids) -> (B, d)`` to match ``targets`` (in place).
+
+    ``fingerprint``: the caller's fields identifying the run in its checkpoints (e.g. ``{"method": "fs_merge",
+    "rank": 8}``), added to ``run_fingerprint``'s. Raises ``CheckpointMismatchError`` on a checkpoint of
+    another run and ``NonFiniteError`` on a NaN/Inf input, target, loss or trained parameter.
+    """
     set_seed(cfg.seed)
     n = len(images)
     spe = math.ceil(n / cfg.batch_size)
@@ -123,6 +158,8 @@ def train_reconstruction(module: nn.Module, images: torch.Tensor, task_ids: torc
     params = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("the module has no trainable parameters")
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    run_id = run_fingerprint(module, images, task_ids, targets, cfg, total, fingerprint) if out_dir else {}
     diag = [p for k, p in params if k.endswith("diag")]
     rest = [p for k, p in params if not k.endswith("diag")]
     groups = [g for g in ({"params": rest, "lr": cfg.lr}, {"params": diag, "lr": cfg.lr_diag}) if g["params"]]
@@ -138,21 +175,24 @@ def train_reconstruction(module: nn.Module, images: torch.Tensor, task_ids: torc
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     counter = _Counter()
-    accelerator.register_for_checkpointing(counter)
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     result = LoopResult(total_steps=total)
-    if out_dir is not None and cfg.resume and checkpoints(out_dir):
-        last = checkpoints(out_dir)[-1]
-        accelerator.load_state(str(last))
-        result.resumed_from = counter.step
-        logger.info(f"resumed from {last} at step {counter.step}/{total}")
+    if out_dir is not None and cfg.resume:
+        last = load_latest(out_dir, run_id, accelerator=accelerator)
+        if last is not None:
+            counter.load_state_dict(last.restore(model=module, optimizer=optimizer, scheduler=scheduler,
+                                                 accelerator=accelerator))
+            result.resumed_from = counter.step
+            logger.info(f"resumed from {last.path} at step {counter.step}/{total}")
+    hint = f"lower the learning rates (lr={cfg.lr}, lr_diag={cfg.lr_diag})"
+    hints = {"pixel_values": "check the merge images", "targets": "check the source models", "loss": hint}
 
-    def save():
+    def save() -> None:
+        ensure_finite_parameters(accelerator.unwrap_model(module), step=counter.step, hint=hint)
         if out_dir is None:
             return
-        accelerator.save_state(str(out_dir / CKPT_DIR / f"step_{counter.step:08d}"))
-        for old in checkpoints(out_dir)[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        save_checkpoint(out_dir, counter.step, model=module, optimizer=optimizer, scheduler=scheduler,
+                        progress_state=counter.state_dict(), fingerprint=run_id, accelerator=accelerator,
+                        keep=cfg.keep_checkpoints, overwrite=not cfg.resume)
 
     device = accelerator.device
     module.train()
@@ -165,14 +205,16 @@ def train_reconstruction(module: nn.Module, images: torch.Tensor, task_ids: torc
         idx = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size][rank::world]  # this rank's share
         x, t, y = images[idx].to(device), task_ids[idx].to(device), targets[idx].to(device)
         loss = nn.functional.mse_loss(module(x, t), y)
+        ensure_finite({"pixel_values": x, "targets": y, "loss": loss.detach()}, step=step + 1, total=total,
+                      accelerator=accelerator, hints=hints)
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         counter.step += 1
-        result.losses.append(loss.item())
+        counter.losses.append(loss.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{result.losses[-1]:.4g}")
+        bar.set_postfix(loss=f"{counter.losses[-1]:.4g}")
         if cfg.save_every and counter.step % cfg.save_every == 0 and counter.step < total:
             save()
         if cfg.stop_after is not None and counter.step >= cfg.stop_after and counter.step < total:
@@ -180,6 +222,7 @@ def train_reconstruction(module: nn.Module, images: torch.Tensor, task_ids: torc
             break
     bar.close()
     save()
+    result.losses = list(counter.losses)
     result.steps_done = counter.step
     module.eval()
     return result
