@@ -280,10 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except UsageError as err:
-        if not as_json:
-            print(parser.format_usage() if err.prog == parser.prog else "", end="", file=sys.stderr)
-        return _fail(str(err), "UsageError", as_json)
+    except UsageError as err:  # one line, like every other error; --help shows the usage
+        return _fail(f"{err} (see {err.prog} --help)", "UsageError", as_json)
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
         result = func(args)

@@ -281,7 +281,12 @@ def _image_folder(path: str, seed: int) -> DatasetDict:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"image folder {path!r} does not exist (expected a directory in the "
                                 f"`datasets` imagefolder layout, e.g. PATH/<class>/<image>.png)")
-    return _from_hub_like(load_dataset("imagefolder", data_dir=path), f"imagefolder:{path}", seed)
+    try:
+        raw = load_dataset("imagefolder", data_dir=path)
+    except ValueError as err:  # datasets' own words ("Instruction 'test' corresponds to no data") name no folder
+        raise ValueError(f"image folder {path!r} holds no usable images (expected the `datasets` imagefolder "
+                         f"layout, e.g. PATH/<class>/<image>.png): {err}") from err
+    return _from_hub_like(raw, f"imagefolder:{path}", seed)
 
 
 def _from_hub_like(raw: DatasetDict, source: str, seed: int) -> DatasetDict:

@@ -34,18 +34,18 @@ from .checkpoint import dataset_fingerprint, tensors_fingerprint
 from .configuration_wave import WaveTemplateConfig
 from .fold import parametrize_vit
 from .kronecker import kron_matrix, nearest_kronecker, nearest_kronecker_vector
+from .loop import Cosine, LoopSettings, run_loop
 from .scalers import MATRIX_TYPES, vector_kinds
 from .templates import TemplateBank
 from .training import (
-    LoopSettings,
     check_dataset,
     check_labels,
     check_positive,
+    dataset_batches,
     dataset_labels,
     dataset_num_labels,
     forward_output,
     predict,
-    run_loop,
 )
 
 logger = logging.get_logger(__name__)
@@ -317,8 +317,8 @@ def distill(
     if not (isinstance(warmup_ratio, (int, float)) and 0.0 <= warmup_ratio < 1.0):
         raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
     lr = check_positive("lr", 5e-4 if lr is None else lr)
-    settings = LoopSettings(steps=steps, batch_size=batch_size, warmup_steps=int(warmup_ratio * steps), seed=seed,
-                            output_dir=output_dir, checkpoint_every=checkpoint_every, max_steps=max_steps,
+    settings = LoopSettings(steps=steps, lr=lr, batch_size=batch_size, schedule=Cosine(int(warmup_ratio * steps)),
+                            seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, max_steps=max_steps,
                             progress=progress, desc="distill")
     check_dataset(train_dataset)
     if eval_dataset is not None:
@@ -368,8 +368,8 @@ def distill(
             "teacher": tensors_fingerprint(teacher.state_dict()),
             "data": dataset_fingerprint(train_dataset, labels),
         }
-    wrapper, log = run_loop(_FeatureAndLogits(model), groups, train_dataset, loss_fn, settings, lr=lr,
-                            fingerprint=run_id)
+    wrapper, log = run_loop(_FeatureAndLogits(model), groups, dataset_batches(train_dataset, settings), loss_fn,
+                            settings, fingerprint=run_id)
     model = wrapper.model
 
     with torch.no_grad():

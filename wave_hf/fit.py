@@ -26,17 +26,16 @@ from transformers import ViTForImageClassification
 from .checkpoint import dataset_fingerprint, tensors_fingerprint
 from .distill import Teacher, distillation_loss, load_teacher, teacher_has_head
 from .fold import fold
+from .loop import Cosine, LoopResult, LoopSettings, run_loop
 from .scalers import Scalers, check_lowrank_rank, check_size
 from .training import (
-    LoopResult,
-    LoopSettings,
     check_dataset,
     check_labels,
     check_positive,
+    dataset_batches,
     dataset_labels,
     dataset_num_labels,
     forward_output,
-    run_loop,
     seeded_subset,
 )
 
@@ -85,8 +84,8 @@ def _fit(
     temperature = check_positive("temperature", temperature)
     if not (isinstance(warmup_ratio, (int, float)) and 0.0 <= warmup_ratio < 1.0):
         raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
-    settings = LoopSettings(steps=steps, batch_size=batch_size, warmup_steps=int(warmup_ratio * steps), seed=seed,
-                            output_dir=output_dir, checkpoint_every=checkpoint_every, max_steps=max_steps,
+    settings = LoopSettings(steps=steps, lr=lr, batch_size=batch_size, schedule=Cosine(int(warmup_ratio * steps)),
+                            seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, max_steps=max_steps,
                             progress=progress, desc=f"fit {depth}x{width}")
     check_dataset(train_dataset)
     feature_labels, feature_names = dataset_num_labels(train_dataset)
@@ -149,7 +148,7 @@ def _fit(
             "teacher": tensors_fingerprint(kd.state_dict()) if kd is not None else None,
             "data": dataset_fingerprint(data, labels),
         }
-    model, log = run_loop(model, groups, data, loss_fn, settings, lr=lr, fingerprint=run_id)
+    model, log = run_loop(model, groups, dataset_batches(data, settings), loss_fn, settings, fingerprint=run_id)
     model.requires_grad_(False)
     return model, log
 

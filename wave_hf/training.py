@@ -1,56 +1,27 @@
-"""The resumable ``accelerate`` loop shared by stage 1 (``distill``) and stage 2 (``fit``).
+"""The data side of the loop jobs (distill, fit, matched Weight Selection): dataset checks, labels, seeded
+subsets, the seeded batch stream, the ``Batches`` source the loop (``wave_hf.loop``) trains on, and
+prediction over a whole dataset.
 
-Why a custom loop and not the ``Trainer``: the two stages train a *parametrized* model (weights rebuilt
-from templates and scalers at every step) against a frozen teacher, with per-group weight decay, and must
-resume bit for bit. The loop is deliberately small:
-
-* **Data order depends only on ``(seed, step)``.** ``StreamBatchSampler`` cuts an endless stream of seeded
-  permutations of the dataset into full global batches; every batch is full, and batch ``k`` is the same
-  whatever happened before it. A resumed run skips the batches it already did with
-  ``accelerate.skip_first_batches`` (indices only: no image is loaded to be thrown away).
-* **Global batch = ``batch_size`` on any number of processes.** The ``Accelerator`` splits each batch
-  across processes (``split_batches=True``) and DDP averages the gradients, so ``accelerate launch
-  --num_processes 2`` trains on the same samples per step as one process (up to float rounding).
-* **Checkpoints** are ``wave_hf.checkpoint`` folders ``output_dir/checkpoints/step_XXXXXXXX`` (trainable
-  parameters, optimizer, scheduler, RNG, step counter and loss history; safetensors and JSON, never pickle),
-  written atomically and stamped with the run's fingerprint; the newest complete one is loaded on start, and
-  one written by another run (seed, lr, data, ...) is refused.
-* **Finite or fail.** The input batch and the loss are checked at every step and the trained parameters
-  before every save and at the end: a NaN/Inf raises ``NonFiniteError`` naming the step and the tensor, and
-  nothing is saved for it.
+Why a stream and not epochs: ``StreamBatchSampler`` cuts an endless stream of seeded permutations of the
+dataset into full global batches, so every batch is full (a small set simply wraps) and batch ``k`` is the
+same whatever happened before it; a resumed run starts at batch ``k`` by index. The checkpoint fingerprint
+of a dataset is ``checkpoint.dataset_fingerprint``: a few items and the labels, not every image.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from accelerate import Accelerator, skip_first_batches
-from accelerate.utils import DataLoaderConfiguration, set_seed
-from huggingface_hub.utils import tqdm
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
-from transformers import get_cosine_schedule_with_warmup
-from transformers.utils import logging
 
-from .checkpoint import CKPT_DIR as CKPT_DIR  # re-exported: public names of this module before checkpoint.py
-from .checkpoint import NonFiniteError as NonFiniteError
-from .checkpoint import (
-    complete_checkpoints,
-    dataset_fingerprint,
-    ensure_finite,
-    ensure_finite_parameters,
-    load_latest,
-    save_checkpoint,
-)
+from .checkpoint import dataset_fingerprint
 from .data import collate_images as collate
+from .loop import Batches, LoopSettings
 
-logger = logging.get_logger(__name__)
 LABEL_KEYS = ("labels", "label")
 
 
@@ -155,37 +126,6 @@ class StreamBatchSampler:
         return self.num_batches
 
 
-# ----------------------------------------------------------------------------------------------- loop
-@dataclass
-class LoopSettings:
-    """Optimisation and bookkeeping of one run; validated so a bad value fails before any work."""
-
-    steps: int
-    batch_size: int = 64
-    warmup_steps: int = 0
-    seed: int = 0
-    output_dir: str | os.PathLike | None = None
-    checkpoint_every: int = 0  # 0: only at the end (and at max_steps)
-    max_steps: int | None = None  # stop (with a checkpoint) at this global step: for interruption and tests
-    keep_checkpoints: int = 2
-    progress: bool = True
-    desc: str = "train"
-
-    def __post_init__(self) -> None:
-        for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("checkpoint_every", 0),
-                          ("keep_checkpoints", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps - 1] = [0, {self.steps - 1}], "
-                             f"got {self.warmup_steps}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"max_steps must be an int >= 1 or None, got {self.max_steps!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-
-
 def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
     """A finite real number > 0 (or >= 0); the message names the value and the range."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -195,129 +135,13 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
     return float(value)
 
 
-class _Progress:
-    """Global step and loss history, saved (as JSON) inside every checkpoint."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.losses: list[float] = []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "losses": list(self.losses)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.losses = [float(v) for v in state["losses"]]
-
-
-@dataclass
-class LoopResult:
-    """What a run did: the per-step losses (all of them, across resumes) and where it started and stopped."""
-
-    losses: list[float] = field(default_factory=list)
-    steps_done: int = 0
-    total_steps: int = 0
-    resumed_from: int = 0
-    stopped_early: bool = False
-
-
-def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """The complete checkpoint folders of a run, oldest first (temp, torn and foreign folders are skipped)."""
-    return [c.path for c in complete_checkpoints(output_dir)]
-
-
-LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
-
-
-def run_loop(
-    model: nn.Module,
-    param_groups: list[dict[str, Any]],
-    dataset: Any,
-    loss_fn: LossFn,
-    settings: LoopSettings,
-    *,
-    lr: float,
-    fingerprint: dict[str, Any] | None = None,
-) -> tuple[nn.Module, LoopResult]:
-    """Train ``model`` in place with AdamW + cosine (linear warm-up); returns the unwrapped model and a log.
-
-    ``param_groups`` are AdamW groups (each may set its own ``weight_decay``). ``loss_fn(model, batch)`` gets
-    the prepared (possibly DDP-wrapped) model and this process's share of the batch, already on device.
-    ``fingerprint`` (JSON values) identifies the run in its checkpoints, with the loop's own settings (steps,
-    batch size, warm-up, seed, lr) and, unless given as ``data``, a hash of ``dataset``: a checkpoint
-    written under another fingerprint is refused (``CheckpointMismatchError``). Raises ``NonFiniteError``
-    on a NaN/Inf input, loss or trained parameter, before anything is saved.
-    """
-    set_seed(settings.seed)
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
-    world = accelerator.num_processes
-    if settings.batch_size % world:
-        raise ValueError(f"batch_size={settings.batch_size} must be divisible by the number of processes ({world}) "
-                         "so that every process gets the same share of each global batch")
-    groups = [g for g in param_groups if g["params"]]
-    if not groups:
-        raise ValueError("nothing to train: no parameter requires a gradient")
-    optimizer = torch.optim.AdamW(groups, lr=lr)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
-    sampler = StreamBatchSampler(len(dataset), settings.batch_size, settings.steps, settings.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)
-    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
-    progress = _Progress()
-
-    out_dir = Path(settings.output_dir) if settings.output_dir is not None else None
-    result = LoopResult(total_steps=settings.steps)
-    run_id: dict[str, Any] = {}
-    if out_dir is not None:
-        run_id = {**(fingerprint or {}), "steps": settings.steps, "batch_size": settings.batch_size,
-                  "warmup_steps": settings.warmup_steps, "seed": settings.seed, "lr": lr}
-        if "data" not in run_id:
-            run_id["data"] = dataset_fingerprint(dataset)
-        last = load_latest(out_dir, run_id, accelerator=accelerator)
-        if last is not None:
-            progress.load_state_dict(last.restore(model=model, optimizer=optimizer, scheduler=scheduler,
-                                                  accelerator=accelerator))
-            result.resumed_from = progress.step
-            logger.info(f"resumed from {last.path} at step {progress.step}/{settings.steps}")
-    hint = f"lower the learning rate (lr={lr}) or check the data"
-    hints = {"pixel_values": "check the input data", "loss": hint}
-
-    def save() -> None:
-        ensure_finite_parameters(accelerator.unwrap_model(model), step=progress.step, hint=hint)
-        if out_dir is None:
-            return
-        save_checkpoint(out_dir, progress.step, model=model, optimizer=optimizer, scheduler=scheduler,
-                        progress_state=progress.state_dict(), fingerprint=run_id, accelerator=accelerator,
-                        keep=settings.keep_checkpoints)
-
-    stop_at = settings.steps if settings.max_steps is None else min(settings.steps, settings.max_steps)
-    bar = tqdm(total=settings.steps, initial=progress.step, desc=settings.desc,
-               disable=not settings.progress or not accelerator.is_local_main_process)
-    model.train()
-    if progress.step < stop_at:
-        for batch in skip_first_batches(loader, progress.step):
-            loss = loss_fn(model, batch)
-            # one check for both (and one all-reduce under DDP), before backward so nothing is updated
-            ensure_finite({"pixel_values": batch["pixel_values"], "loss": loss.detach()}, step=progress.step + 1,
-                          total=settings.steps, accelerator=accelerator, hints=hints)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{progress.losses[-1]:.4g}")
-            if progress.step >= stop_at:
-                break
-            if settings.checkpoint_every and progress.step % settings.checkpoint_every == 0:
-                save()
-    bar.close()
-    save()
-    model.eval()
-    result.losses = list(progress.losses)
-    result.steps_done = progress.step
-    result.stopped_early = progress.step < settings.steps
-    return accelerator.unwrap_model(model), result
+def dataset_batches(dataset: Any, settings: LoopSettings) -> Batches:
+    """The loop's batches over a map-style image dataset: ``settings.steps`` full global batches of the seeded
+    stream (``StreamBatchSampler``), collated to ``{"pixel_values", "labels"}``; the pixels are checked."""
+    return Batches(dataset=dataset,
+                   sampler=StreamBatchSampler(len(dataset), settings.batch_size, settings.steps, settings.seed),
+                   collate_fn=collate, fingerprint=lambda: dataset_fingerprint(dataset),
+                   checks={"pixel_values": "check the input data"})
 
 
 @torch.no_grad()

@@ -230,7 +230,8 @@ def available_memory() -> int | None:
     """Bytes of memory available to a new allocation now (``MemAvailable``), or None when unknown.
 
     Read from ``/proc/meminfo`` (Linux: it counts reclaimable page cache, unlike "free"), else from
-    ``sysconf`` (available physical pages), without a psutil dependency.
+    ``sysconf``: available physical pages, or all physical pages where the OS does not report available
+    ones (macOS). No psutil dependency; None on a system with neither (Windows).
     """
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
@@ -239,10 +240,12 @@ def available_memory() -> int | None:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            continue
+    return None
 
 
 def format_bytes(num_bytes: float) -> str:

@@ -3,7 +3,7 @@
 WAVE's fitted models see extra images before fine-tuning (the scaler fit). docs/wave.md section 8 found
 that this pass, not the templates, explained much of WAVE's lead over plain Weight Selection, so the fair
 baseline gets the same pass: the same images (``training.seeded_subset`` with the same seed), the same
-steps and batches (``training.run_loop``: AdamW without weight decay, cosine, the same seeded batch
+steps and batches (``loop.run_loop``: AdamW without weight decay, cosine, the same seeded batch
 stream), the same loss (``CE + kd_weight * KL(p_teacher || p_model) * T^2``, as ``wave_hf.fit``), with
 every weight trainable instead of the scalers.
 
@@ -23,13 +23,13 @@ from transformers import ViTForImageClassification
 
 from ..distill import distillation_loss
 from ..fit import fit_scalers
+from ..loop import Cosine, LoopSettings, run_loop
 from ..training import (
-    LoopSettings,
     check_dataset,
     check_labels,
+    dataset_batches,
     dataset_labels,
     forward_output,
-    run_loop,
     seeded_subset,
 )
 from .common import load_teacher
@@ -86,11 +86,11 @@ def train_all_weights(
         return ce + kd_weight * distillation_loss(logits, target, None, temperature=temperature, alpha=1.0)
 
     model.requires_grad_(True)
-    settings = LoopSettings(steps=b["steps"], batch_size=b["batch_size"],
-                            warmup_steps=int(b["warmup_ratio"] * b["steps"]), seed=seed, progress=progress,
+    settings = LoopSettings(steps=b["steps"], lr=float(b["lr"]), batch_size=b["batch_size"],
+                            schedule=Cosine(int(b["warmup_ratio"] * b["steps"])), seed=seed, progress=progress,
                             desc="weight selection (matched)")
     groups = [{"params": list(model.parameters()), "weight_decay": 0.0}]
-    model, _ = run_loop(model, groups, data, loss_fn, settings, lr=float(b["lr"]))
+    model, _ = run_loop(model, groups, dataset_batches(data, settings), loss_fn, settings)
     model.eval()
     return model
 
