@@ -634,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     model = load_dinov2_teacher(args.cache_dir)
     seconds = time.perf_counter() - start
-    record = json.loads((args.cache_dir / CONVERSION_FILE).read_text())
+    record = json.loads((args.cache_dir.expanduser() / CONVERSION_FILE).read_text())
     print(f"model: {args.cache_dir}  ({seconds:.1f} s this call; conversion took {record['conversion_seconds']} s, "
           f"its check vs onnxruntime {record.get('verification', {}).get('seconds', '-')} s)")
     print(f"source: {record['source']['file']} from {PACKAGE} {record['source']['package_version']}, "

@@ -4,11 +4,13 @@
 step (``MODE=step``, the default), or in the middle of its ``KILL_AT``-th ``safetensors.torch.save_file`` call,
 after writing half of that file (``MODE=save``: a kill while a checkpoint is written). The kill is injected
 from outside the library (a patched ``AdamW.step`` / ``save_file``), so the code under test is exactly what
-users run. Under ``accelerate launch`` only the main process writes the result.
+users run. Under ``accelerate launch`` only the main process writes the result, and ``world.json`` with the
+number of processes the job trained on (a 2-process test checks that it really ran 2).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -83,11 +85,14 @@ elif kind == "merge":
     result = merged.for_task("a").state_dict()
 else:
     raise SystemExit(f"unknown job {kind}")
+from _accelerate_fit_script import trained_world  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 
+world = trained_world()
 state = PartialState()
 if state.is_main_process:
     torch.save(result, workdir / "result.pt")
+    (workdir / "world.json").write_text(json.dumps(world))
 state.wait_for_everyone()
 if torch.distributed.is_available() and torch.distributed.is_initialized():
     torch.distributed.destroy_process_group()

@@ -1,6 +1,6 @@
 """Checkpoints never unpickle, refuse another run's folder, survive a kill mid-write, and a NaN stops a run
-before anything is saved (issue 12, items 2 and 4), for both loops: ``run_loop`` (fit, distill) and
-``train_reconstruction`` (FS-Merge, KD)."""
+before anything is saved (issue 12, items 2 and 4), through both kinds of caller of the one loop
+(``wave_hf.loop.run_loop``): a dataset job (``fit_scalers``) and ``train_reconstruction`` (FS-Merge, KD)."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def test_fit_refuses_another_runs_checkpoint(setup, tmp_path, change, field):
     ({"lr": 5e-2}, "lr=0.05 here, 0.01"),
     ({"lr_diag": 5e-2}, "lr_diag=0.05 here, 0.01"),
     ({"batch_size": 8}, "batch_size=8 here, 4"),
-    ({"steps": 8}, "total_steps=8 here, 6"),
+    ({"steps": 8}, "steps=8 here, 6 in the checkpoint"),
     ({"data": recon_data(seed=1)}, "data='sha256:"),
 ])
 def test_reconstruction_refuses_another_runs_checkpoint(tmp_path, change, field):

@@ -110,6 +110,70 @@ def test_push_to_hub_sends_a_loadable_folder(tiny_init, tmp_path, monkeypatch):
     assert "library_name: wave-hf" in (uploaded / "README.md").read_text()
 
 
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """HfApi with its two network calls mocked; records each upload's folder (copied) and keywords."""
+    calls: list[dict] = []
+
+    class FakeRepo:
+        def __init__(self, repo_id):
+            self.repo_id = repo_id
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        return FakeRepo(repo_id)
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        copy = tmp_path / f"upload-{len(calls)}"
+        shutil.copytree(folder_path, copy)
+        calls.append({"repo_id": repo_id, "folder": copy, **kwargs})
+        return f"https://huggingface.co/{repo_id}/commit/{len(calls)}"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
+    return calls
+
+
+def test_second_push_deletes_what_the_new_version_no_longer_has(tiny_init, fake_hub):
+    tiny_init.add_scalers(tiny_init.scalers_for(2, 32, num_heads=2))
+    tiny_init.push_to_hub("acme/bank", branch="dev", create_pr=True, commit_message="v1")
+    first = fake_hub[-1]
+    assert (first["revision"], first["create_pr"], first["commit_message"]) == ("dev", True, "v1")
+    assert first["delete_patterns"] == ["scalers/*.safetensors"]  # stale scalers of an older version go
+    assert (first["folder"] / "scalers").is_dir()
+    WaveInitializer(tiny_init.bank).push_to_hub("acme/bank")
+    assert not (fake_hub[-1]["folder"] / "scalers").exists()
+    assert fake_hub[-1]["delete_patterns"] == ["scalers/*.safetensors"]
+
+
+def test_merged_model_pushes_and_loads_by_repo_id_from_the_cache(tiny_bank, fake_hub, tmp_path, monkeypatch):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from wave_hf.merge import MergedViT, merge
+
+    def vit(seed):
+        torch.manual_seed(seed)
+        return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=64, image_size=28, patch_size=7,
+                                                   num_channels=1, num_labels=3))
+
+    merged = merge([vit(0), vit(1)], ["fashion", "digits"], method="average")
+    merged.push_to_hub("acme/merged", accuracies={"fashion": 0.5, "digits": 0.25}, branch="v2")
+    pushed = fake_hub[-1]
+    assert pushed["revision"] == "v2" and (pushed["folder"] / "digits" / "model.safetensors").is_file()
+    assert "model-index" in (pushed["folder"] / "README.md").read_text()
+    # A repo id resolves through the Hub cache (offline here): a hand-built snapshot of the pushed folder.
+    cache = tmp_path / "cache"
+    snap = cache / "models--acme--merged" / "snapshots" / ("a" * 40)
+    shutil.copytree(pushed["folder"], snap)
+    (cache / "models--acme--merged" / "refs").mkdir()
+    (cache / "models--acme--merged" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    again = MergedViT.from_pretrained("acme/merged", cache_dir=cache)
+    assert again.tasks == ["fashion", "digits"] and again.metadata["accuracies"]["digits"] == 0.25
+    assert_state_dicts_equal(again.for_task("digits"), merged.for_task("digits"))
+
+
 def test_default_bank_is_embedded():
     if not (DEFAULT_BANK / "model.safetensors").is_file():
         pytest.skip("the distilled default bank is not shipped yet")

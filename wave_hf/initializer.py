@@ -13,7 +13,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from . import vit_layout
 from .configuration_wave import WaveTemplateConfig
 from .fold import head_init_, parametrize_vit
-from .io import publish_dir, push_folder, require_finite, resolve_folder
+from .io import HubMixin, require_finite
 from .rule import assemble
 from .scalers import Scalers, check_target_size
 from .templates import TemplateBank
@@ -41,7 +41,8 @@ def _check_bank_folder(folder: Path, name: str) -> None:
         raise OSError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from err
 
 
-class WaveInitializer:
+class WaveInitializer(HubMixin, library_name="wave-hf", tags=["wave-hf", "wave", "weight-templates", "vit"],
+                      repo_url="https://arxiv.org/abs/2406.17503"):
     """A template bank plus the scalers fitted for particular sizes; builds stock ViTs of any size.
 
     Args:
@@ -76,30 +77,26 @@ class WaveInitializer:
         )
 
     # ------------------------------------------------------------------------------------- loading
+    owned_files = (SCALERS_GLOB,)
+    download_patterns = tuple(BANK_FILES)
+
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo_id: str | os.PathLike = "default",
-        *,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-    ) -> WaveInitializer:
-        """Load a bank from a folder, a Hub repo id (``revision``, cache, offline mode) or ``"default"``,
-        the bank shipped inside the package (no network)."""
-        name = os.fspath(path_or_repo_id)
-        if name in DEFAULT_NAMES:
-            folder = DEFAULT_BANK
-            if not (folder / "model.safetensors").is_file():
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike = "default", **kwargs: Any
+                        ) -> WaveInitializer:
+        """Load a bank from a folder, a Hub repo id (``revision``, ``cache_dir``, ``local_files_only``,
+        ``token``; offline mode from the cache) or ``"default"``, the bank shipped inside the package."""
+        if os.fspath(pretrained_model_name_or_path) in DEFAULT_NAMES:
+            if not (DEFAULT_BANK / "model.safetensors").is_file():
                 raise FileNotFoundError(
-                    f"the embedded default bank is missing from {folder}; reinstall wave-hf or pass a bank path"
+                    f"the embedded default bank is missing from {DEFAULT_BANK}; reinstall wave-hf or pass a bank path"
                 )
-        else:
-            folder = resolve_folder(
-                path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                token=token, allow_patterns=BANK_FILES,
-            )
+            return cls._from_folder(DEFAULT_BANK, os.fspath(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def _from_folder(cls, folder: Path, name: str, **kwargs: Any) -> WaveInitializer:
+        if kwargs:
+            raise TypeError(f"from_pretrained got unknown arguments {sorted(kwargs)}")
         _check_bank_folder(folder, name)
         # config.json first, so that a wrong model_type fails with our message, not a shape mismatch.
         config = WaveTemplateConfig.from_pretrained(folder)
@@ -254,23 +251,16 @@ class WaveInitializer:
         scalers.check_compatible(self.config)
         self.fitted[(scalers.depth, scalers.width, scalers.num_heads)] = scalers
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """The bank folder (config, weights, card) with every fitted set under ``scalers/``.
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The bank (config, weights, card) with every fitted set under ``scalers/``.
 
-        Scalers files of sizes this initializer no longer holds are removed; every other file in the folder
-        (``.git``, notes, other models) is left alone.
+        ``save_pretrained`` publishes it: scalers files of sizes this initializer no longer holds are removed,
+        every other file in the folder (``.git``, notes, other models) is left alone.
         """
         for s in self.fitted.values():
             require_finite(s.state_dict().items(), f"scalers {s.depth}x{s.width}")
-        with publish_dir(save_directory, owned=[SCALERS_GLOB]) as tmp:
-            self.bank.save_pretrained(tmp)
-            if self.fitted:
-                (tmp / "scalers").mkdir()
-            for s in self.fitted.values():
-                s.save(tmp / Scalers.filename(s.depth, s.width, s.num_heads))
-
-    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload WAVE template bank",
-                    private: bool | None = None, token: str | None = None, revision: str | None = None) -> str:
-        """Upload the bank and its fitted scalers in one commit (``create_repo`` + ``upload_folder``)."""
-        return push_folder(self.save_pretrained, repo_id, commit_message=commit_message, private=private,
-                           token=token, revision=revision)
+        self.bank.save_pretrained(save_directory)
+        if self.fitted:
+            (save_directory / "scalers").mkdir()
+        for s in self.fitted.values():
+            s.save(save_directory / Scalers.filename(s.depth, s.width, s.num_heads))

@@ -19,10 +19,11 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, ModelHubMixin, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
 STAGING_PREFIX = ".wave-hf-tmp-"
@@ -182,6 +183,7 @@ def resolve_folder(
     local_files_only: bool = False,
     token: str | bool | None = None,
     allow_patterns: list[str] | None = None,
+    force_download: bool = False,
 ) -> Path:
     """A local folder for a local path or a Hub repo id (honours ``revision``, cache and offline mode)."""
     path = Path(path_or_repo_id)
@@ -199,6 +201,7 @@ def resolve_folder(
                 local_files_only=local_files_only,
                 token=token,
                 allow_patterns=allow_patterns,
+                force_download=force_download,
             )
         )
     except LocalEntryNotFoundError as err:
@@ -207,7 +210,10 @@ def resolve_folder(
             "connect to the Hub or unset HF_HUB_OFFLINE / local_files_only"
         ) from err
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-        raise FileNotFoundError(f"no Hub repo {name!r} at revision {revision or 'main'}: {err}") from err
+        what = "revision" if isinstance(err, RevisionNotFoundError) else "repo (or revision: some servers say so)"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"no Hub repo {name!r} at revision {revision or 'main'}: unknown {what} "
+                                f"({first})") from err
 
 
 def push_folder(
@@ -217,19 +223,65 @@ def push_folder(
     commit_message: str,
     private: bool | None = None,
     token: str | None = None,
-    revision: str | None = None,
-) -> str:
+    branch: str | None = None,
+    create_pr: bool = False,
+    delete_patterns: list[str] | str | None = None,
+):
     """``create_repo(exist_ok=True)`` + ``save`` into a temp folder + one ``upload_folder`` commit.
 
-    This is huggingface_hub's ``ModelHubMixin.push_to_hub``; transformers' own version replaces README.md
-    with a generic card, which would lose ours.
+    The body of huggingface_hub's ``ModelHubMixin.push_to_hub``, for ``TemplateBank``, a transformers model
+    whose own ``push_to_hub`` would replace our README.md with a generic card.
     """
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "upload"
         save(folder)
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision
-        )
-    return str(getattr(info, "commit_url", info))
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                 revision=branch, create_pr=create_pr, delete_patterns=delete_patterns)
+
+
+class HubMixin(ModelHubMixin):
+    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for wave-hf's own objects, from two hooks.
+
+    ``ModelHubMixin`` gives ``push_to_hub`` (one commit, ``branch``, ``create_pr``, ``delete_patterns``);
+    its save and load are replaced by safe ones: the save publishes through ``publish_dir`` (other files in
+    the folder are kept, each file lands atomically), the load resolves a folder or a repo id (revision,
+    cache, offline) to one local folder and hands it to ``_from_folder``. Subclasses write ``_save_pretrained``
+    and ``_from_folder``; ``owned_files`` are files of an earlier version that a new save or push removes.
+    """
+
+    owned_files: tuple[str, ...] = ()
+    download_patterns: tuple[str, ...] | None = None
+
+    def _save_pretrained(self, save_directory: Path) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def _from_folder(cls, folder: Path, name: str, **kwargs: Any):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, config: Any = None, repo_id: str | None = None,
+                        push_to_hub: bool = False, model_card_kwargs: dict[str, Any] | None = None,
+                        **push_to_hub_kwargs: Any) -> Any:
+        """Write the folder (see the class docstring); with ``push_to_hub=True`` also upload it."""
+        with publish_dir(save_directory, owned=self.owned_files) as tmp:
+            self._save_pretrained(tmp)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or Path(save_directory).absolute().name, **push_to_hub_kwargs)
+        return None
+
+    def push_to_hub(self, repo_id: str, *, delete_patterns: list[str] | str | None = None, **kwargs: Any):
+        """``ModelHubMixin.push_to_hub``; by default files this object owns and no longer has are deleted."""
+        patterns = list(self.owned_files) if delete_patterns is None else delete_patterns
+        return super().push_to_hub(repo_id, delete_patterns=patterns or None, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, force_download: bool = False,
+                        token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False, revision: str | None = None, **kwargs: Any):
+        """Load from a local folder or a Hub repo id (``revision``, ``cache_dir``, offline mode)."""
+        folder = resolve_folder(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                local_files_only=local_files_only, token=token, force_download=force_download,
+                                allow_patterns=list(cls.download_patterns) if cls.download_patterns else None)
+        return cls._from_folder(folder, os.fspath(pretrained_model_name_or_path), **kwargs)

@@ -87,7 +87,11 @@ class TemplateBank(PreTrainedModel):
             cards.bank_card(self).save(tmp / "README.md")
 
     def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload WAVE template bank",
-                    private: bool | None = None, token: str | None = None, revision: str | None = None) -> str:
-        """Upload ``save_pretrained``'s folder, card included, in one commit."""
+                    private: bool | None = None, token: str | None = None, branch: str | None = None,
+                    create_pr: bool = False, delete_patterns: list[str] | str | None = None, **kwargs: Any):
+        """Upload ``save_pretrained``'s folder, card included, in one commit (as ``ModelHubMixin`` does)."""
+        branch = kwargs.pop("revision", branch)  # transformers' name for the branch
+        if kwargs:
+            raise TypeError(f"push_to_hub got unknown arguments {sorted(kwargs)}")
         return push_folder(self.save_pretrained, repo_id, commit_message=commit_message, private=private,
-                           token=token, revision=revision)
+                           token=token, branch=branch, create_pr=create_pr, delete_patterns=delete_patterns)

@@ -7,17 +7,13 @@ Every method returns a stock ``ViTForImageClassification`` (it saves and loads w
 ``INIT_METHODS`` lists them in the order the benchmark reports them.
 """
 
-from . import random_init, tleg, wave, weight_selection, weight_selection_matched  # noqa: F401  (registration)
+# Registration order is the order of the benchmark's tables: baselines first, WAVE last.
+from . import random_init, weight_selection, weight_selection_matched, tleg, wave  # noqa: F401,I001
 from .registry import INIT_METHODS, InitMethod, init_model, register_init_method
 from .tleg import linear_fit
 from .weight_selection import select_tensor, uniform_indices
 
-#: The order of the benchmark's tables: baselines first, WAVE last.
-REPORT_ORDER = ("random", "weight_selection", "weight_selection_matched", "tleg", "wave_default", "wave_fitted")
-_ordered = {name: INIT_METHODS[name] for name in REPORT_ORDER if name in INIT_METHODS}
-_ordered.update(INIT_METHODS)
-INIT_METHODS.clear()
-INIT_METHODS.update(_ordered)
+REPORT_ORDER = tuple(INIT_METHODS)
 
 __all__ = [
     "REPORT_ORDER",

@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import ViTForImageClassification
 
+from ..registry import Registry
 from ..validation import MAX_SEED, check_int
 
 
@@ -51,7 +52,7 @@ class InitMethod:
     options: tuple[str, ...] = ()
 
 
-INIT_METHODS: dict[str, InitMethod] = {}
+INIT_METHODS: Registry[InitMethod] = Registry("init method", lambda entry: entry.options)
 
 
 def register_init_method(name: str, *, needs: tuple[str, ...] = (), options: tuple[str, ...] = (),
@@ -61,12 +62,11 @@ def register_init_method(name: str, *, needs: tuple[str, ...] = (), options: tup
     bad = [n for n in needs if n not in NEEDS]
     if bad:
         raise ValueError(f"init method {name!r}: unknown needs {bad}; accepted: {list(NEEDS)}")
+    add = INIT_METHODS.register(name)
 
     def deco(fn: InitFn) -> InitFn:
-        if name in INIT_METHODS:
-            raise ValueError(f"init method {name!r} is already registered")
         doc = description or (fn.__doc__ or "").strip().splitlines()[0]
-        INIT_METHODS[name] = InitMethod(name, fn, tuple(needs), doc, tuple(options))
+        add(InitMethod(name, fn, tuple(needs), doc, tuple(options)))
         return fn
 
     return deco
@@ -97,17 +97,13 @@ def init_model(
         seed: fixes every random choice (head, new scaler entries, data order); same seed, same bits.
         **kw: method options (e.g. ``id2label``, ``steps``, ``max_images``); unknown ones raise in the method.
     """
-    if not isinstance(method, str) or method not in INIT_METHODS:
-        raise ValueError(f"unknown init method {method!r}; registered methods: {sorted(INIT_METHODS)}")
+    entry = INIT_METHODS[method]  # raises with the registered names for an unknown one
     seed = check_int("seed", seed, 0, MAX_SEED)
-    entry = INIT_METHODS[method]
     given = {"teacher": teacher, "initializer": initializer, "train_dataset": train_dataset}
     missing = [n for n in entry.needs if given[n] is None]
     if missing:
         raise ValueError(f"init method {method!r} needs {', '.join(f'{n}=' for n in missing)} (got None)")
     id2label = kw.pop("id2label", None)
-    unknown = sorted(set(kw) - set(entry.options))
-    if unknown:  # a typo must not silently fall back to a default
-        raise TypeError(f"init method {method!r} got unknown options {unknown}; accepted: {sorted(entry.options)}")
+    options = INIT_METHODS.check_options(method, kw)
     return entry.fn(InitRequest(depth, width, num_heads, num_labels, id2label, teacher, initializer, train_dataset,
-                                seed, dict(kw)))
+                                seed, options))

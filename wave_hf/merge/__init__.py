@@ -12,7 +12,6 @@ Registered methods: ``fs_merge``, ``average``, ``permute``, ``regmean``, ``kd``,
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -21,47 +20,7 @@ from torch import nn
 from ..validation import MAX_AUGMENT_COPIES, MAX_SEED, check_int, check_memory
 from .common import MergeData, augment, check_images, images_of, model_source, validate_models
 from .merged import EnsembleViT, MergedViT
-
-MERGE_METHODS: dict[str, type[MergeMethod]] = {}
-
-
-def register_merge_method(name: str):
-    """Class decorator: ``@register_merge_method("fs_merge")`` adds the class to ``MERGE_METHODS``."""
-
-    def deco(cls):
-        if name in MERGE_METHODS and MERGE_METHODS[name] is not cls:
-            raise ValueError(f"merge method {name!r} is already registered by {MERGE_METHODS[name].__name__}")
-        MERGE_METHODS[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
-
-
-class MergeMethod:
-    """Base class. Subclasses are dataclasses whose fields are the method's options (the config schema)."""
-
-    name: str = "?"
-    needs_data: bool = True  # needs merge images
-    uses_augmented: bool = True  # also gets the offline augmented copies
-    single_model: bool = True
-
-    def run(self, models: Sequence[nn.Module], tasks: Sequence[str], data: MergeData | None):
-        raise NotImplementedError
-
-    def options(self) -> dict:
-        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
-
-
-def get_method(method: str, **kwargs) -> MergeMethod:
-    if not isinstance(method, str) or method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {method!r}; registered methods: {sorted(MERGE_METHODS)}")
-    cls = MERGE_METHODS[method]
-    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    unknown = sorted(set(kwargs) - names)
-    if unknown:
-        raise TypeError(f"merge method {method!r} got unknown options {unknown}; it accepts {sorted(names)}")
-    return cls(**kwargs)
+from .registry import MERGE_METHODS, MergeMethod, get_method, register_merge_method
 
 
 def prepare_data(models, tasks, train_datasets, *, images_per_task: int, augment_copies: int, seed: int,
@@ -111,7 +70,7 @@ def merge(models: Sequence[nn.Module], tasks: Sequence[str], method: str = "fs_m
     augment_copies = check_int("augment_copies", augment_copies, 0, MAX_AUGMENT_COPIES,
                                hint=" (validation.MAX_AUGMENT_COPIES)")
     seed = check_int("seed", seed, 0, MAX_SEED)
-    impl = get_method(method, **({"seed": seed} if _has_field(method, "seed") else {}), **kwargs)
+    impl = get_method(method, **({"seed": seed} if "seed" in MERGE_METHODS.options(method) else {}), **kwargs)
     validate_models(models, tasks)
     data = None
     if impl.needs_data:
@@ -134,12 +93,7 @@ def merge(models: Sequence[nn.Module], tasks: Sequence[str], method: str = "fs_m
     return result
 
 
-def _has_field(method: str, name: str) -> bool:
-    cls = MERGE_METHODS.get(method) if isinstance(method, str) else None
-    return cls is not None and dataclasses.is_dataclass(cls) and name in {f.name for f in dataclasses.fields(cls)}
-
-
-# Register the methods (each file ends with its @register_merge_method).
+# Register the methods (each file declares itself with @register_merge_method).
 from . import average, ensemble, fs_merge, kd, permute, regmean  # noqa: E402,F401
 
 __all__ = ["MERGE_METHODS", "EnsembleViT", "MergeMethod", "MergedViT", "get_method", "merge",

@@ -38,8 +38,7 @@ def cmd_merge(args) -> dict:
     from . import MERGE_METHODS, merge
 
     prepare_out(args, args.models, args.data, args.checkpoint_dir)
-    if args.method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {args.method!r}; registered methods: {sorted(MERGE_METHODS)}")
+    accepted = MERGE_METHODS.options(args.method)  # raises with the registered names for an unknown one
     if len(args.tasks) != len(args.models):
         raise ValueError(f"got {len(args.models)} --models but {len(args.tasks)} --tasks; give one task per model")
     needs_data = MERGE_METHODS[args.method].needs_data
@@ -47,6 +46,16 @@ def cmd_merge(args) -> dict:
         raise ValueError(f"--method {args.method} needs --data (one source per task)")
     if args.data and len(args.data) != len(args.tasks):
         raise ValueError(f"got {len(args.tasks)} --tasks but {len(args.data)} --data sources; give one per task")
+    # Method options come from the method's own config: a flag the method does not have is an error.
+    given = {"steps": args.steps, "epochs": args.epochs, "lr": args.lr, "rank": args.rank,
+             "output_dir": args.checkpoint_dir}
+    unsupported = sorted(k for k, v in given.items() if v is not None and k not in accepted)
+    if unsupported:
+        flags = ", ".join("--checkpoint-dir" if k == "output_dir" else f"--{k}" for k in unsupported)
+        raise ValueError(f"--method {args.method} has no option {flags}; its options: {sorted(accepted)}")
+    kw = {k: v for k, v in given.items() if v is not None}
+    if "progress" in accepted:
+        kw["progress"] = not args.no_progress
     models = [_load_model(m) for m in args.models]
     datasets = None
     if needs_data:
@@ -58,19 +67,6 @@ def cmd_merge(args) -> dict:
                                train_limit=max(args.images_per_task * 4, 1000), seed=args.seed)["train"]
             for src in args.data
         ]
-    kw = {}
-    if args.method in ("fs_merge", "kd"):
-        kw.update(progress=not args.no_progress)
-        if args.steps is not None:
-            kw["steps"] = args.steps
-        if args.epochs is not None:
-            kw["epochs"] = args.epochs
-        if args.lr is not None:
-            kw["lr"] = args.lr
-        if args.checkpoint_dir:
-            kw["output_dir"] = args.checkpoint_dir
-    if args.method == "fs_merge" and args.rank is not None:
-        kw["rank"] = args.rank
     result = merge(models, args.tasks, args.method, train_datasets=datasets, images_per_task=args.images_per_task,
                    augment_copies=args.augment_copies, seed=args.seed, **kw)
     out = result.save_pretrained(args.out)

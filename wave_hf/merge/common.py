@@ -165,3 +165,11 @@ def id2label_of(model: nn.Module) -> dict[int, str]:
 
 def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]}
+
+
+def routed_targets(models, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate every task's images, their task ids, and model i's features on task i's images (once)."""
+    x = torch.cat(images)
+    ids = torch.cat([torch.full((len(im),), i, dtype=torch.long) for i, im in enumerate(images)])
+    y = torch.cat([features(m, im) for m, im in zip(models, images)])
+    return x, ids, y

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import MergeMethod, register_merge_method
 from .merged import EnsembleViT
+from .registry import MergeMethod, register_merge_method
 
 
 @register_merge_method("ensemble")

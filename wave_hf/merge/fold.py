@@ -7,11 +7,15 @@ and stored in float32.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .. import vit_layout as L
 from .merged import MergedViT
-from .supernet import SuperNet
+
+if TYPE_CHECKING:  # fold reads a SuperNet; the SuperNet calls fold (one direction at run time)
+    from .supernet import SuperNet
 
 
 def _fold_linear(w: torch.Tensor, b: torch.Tensor, u, m) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,21 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..validation import MAX_RANK, check_int
-from . import MergeMethod, register_merge_method
-from .common import MergeData, features
+from .common import MergeData, routed_targets
+from .registry import MergeMethod, register_merge_method
 from .supernet import SuperNet
 from .train import TrainConfig, TrainingOptions, reconstruction_loss, train_reconstruction
-
-
-def routed_targets(models, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Concatenate every task's images, their task ids, and model i's features on task i's images (once)."""
-    x = torch.cat(images)
-    ids = torch.cat([torch.full((len(im),), i, dtype=torch.long) for i, im in enumerate(images)])
-    y = torch.cat([features(m, im) for m, im in zip(models, images)])
-    return x, ids, y
 
 
 @register_merge_method("fs_merge")

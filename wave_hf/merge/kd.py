@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from .. import vit_layout as L
-from . import MergeMethod, register_merge_method
-from .average import from_encoder
-from .common import MergeData, encoder_state
-from .fs_merge import routed_targets
+from .common import MergeData, encoder_state, routed_targets
+from .merged import from_encoder
+from .registry import MergeMethod, register_merge_method
 from .train import TrainingOptions, reconstruction_loss, train_reconstruction
 
 

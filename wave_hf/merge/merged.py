@@ -23,8 +23,9 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from .. import cards
 from .. import vit_layout as L
-from ..io import publish_dir, push_folder, require_finite
+from ..io import HubMixin, require_finite
 from ..validation import check_id2label, check_unique_names
+from .common import encoder_state, head_state, id2label_of, model_source, validate_models
 
 CONFIG_NAME = "merge_config.json"
 FORMAT = "wave-hf-merge"
@@ -40,7 +41,8 @@ def _task_config(config: ViTConfig, id2label: dict[int, str]) -> ViTConfig:
     return cfg
 
 
-class _MultiTaskResult:
+class _MultiTaskResult(HubMixin, library_name="wave-hf", tags=list(CARD_TAGS),
+                       repo_url="https://arxiv.org/abs/2410.01483"):
     """Shared save/load/card/joint-prediction logic."""
 
     is_single_model: bool = True
@@ -131,35 +133,44 @@ class _MultiTaskResult:
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, accuracies: dict[str, float] | None = None,
-                        safe_serialization: bool = True) -> Path:
-        """Write the documented layout; files are published one atomic rename each, other files are kept."""
+                        **kwargs) -> Path:
+        """Write the documented layout; files are published one atomic rename each, other files are kept.
+
+        ``accuracies`` (task -> accuracy) are recorded in ``merge_config.json`` and the card's model-index.
+        Other keywords are ``HubMixin.save_pretrained``'s (``push_to_hub=True``, ``repo_id``, ...).
+        """
+        if accuracies:
+            self.metadata = {**self.metadata, "accuracies": {str(k): float(v) for k, v in accuracies.items()}}
+        super().save_pretrained(save_directory, **kwargs)
+        return Path(save_directory).resolve()
+
+    def _save_pretrained(self, save_directory: Path) -> None:
         check_unique_names(self.tasks, "task name")  # they become folder names; ``tasks`` may have been edited
-        target = Path(save_directory).resolve()
         for task in self.tasks:
             require_finite(self.for_task(task).state_dict().items(), f"the merged model of task {task!r}")
-        with publish_dir(target) as tmp:
-            for task in self.tasks:
-                self.for_task(task).save_pretrained(tmp / task, safe_serialization=safe_serialization)
-            cfg = self.merge_config()
-            if accuracies:
-                cfg["metadata"] = {**cfg["metadata"], "accuracies": dict(accuracies)}
-            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
-            self.model_card(accuracies).save(tmp / "README.md")
-        return target
+        for task in self.tasks:
+            self.for_task(task).save_pretrained(save_directory / task)
+        cfg = self.merge_config()
+        (save_directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+        self.model_card().save(save_directory / "README.md")
 
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload merged ViT (wave-hf)", accuracies: dict | None = None):
-        return push_folder(lambda folder: self.save_pretrained(folder, accuracies=accuracies), repo_id,
-                           commit_message=commit_message, private=private, token=token)
+    def push_to_hub(self, repo_id: str, *, accuracies: dict[str, float] | None = None, **kwargs):
+        """Upload the folder in one commit (``ModelHubMixin.push_to_hub``: ``branch``, ``create_pr``, ...)."""
+        if accuracies:
+            self.metadata = {**self.metadata, "accuracies": {str(k): float(v) for k, v in accuracies.items()}}
+        kwargs.setdefault("commit_message", "Upload merged ViT (wave-hf)")
+        return super().push_to_hub(repo_id, **kwargs)
 
-    @staticmethod
-    def from_pretrained(directory: str | os.PathLike):
+    @classmethod
+    def _from_folder(cls, folder: Path, name: str, **kwargs):
         """Load a folder written by ``save_pretrained`` (a ``MergedViT`` or an ``EnsembleViT``).
 
         ``merge_config.json`` is untrusted: it is validated (``read_merge_config``) before any task folder is
         opened, so a task name like ``../x`` or ``/etc`` never becomes a path.
         """
-        directory = Path(directory)
+        if kwargs:
+            raise TypeError(f"from_pretrained got unknown arguments {sorted(kwargs)}")
+        directory = folder
         cfg = read_merge_config(directory / CONFIG_NAME)
         tasks = cfg["tasks"]
         models = []
@@ -170,7 +181,6 @@ class _MultiTaskResult:
         meta = cfg.get("metadata", {})
         if not cfg.get("single_model", True):
             return EnsembleViT(models, tasks, sources=cfg.get("sources"), metadata=meta)
-        from .common import encoder_state, head_state, id2label_of, validate_models
 
         if len(models) > 1:
             validate_models(models, tasks)  # the task folders must share one architecture
@@ -321,7 +331,6 @@ class EnsembleViT(_MultiTaskResult):
 
     def __init__(self, models: Sequence[ViTForImageClassification], tasks: Sequence[str], *,
                  sources: Sequence[str] | None = None, metadata: dict | None = None):
-        from .common import id2label_of, model_source
 
         if isinstance(models, ViTForImageClassification) or not isinstance(models, Sequence):
             raise TypeError(f"models must be a list of ViTForImageClassification, got {type(models).__name__}")
@@ -373,3 +382,10 @@ def _check_tensors(tensors: object, shapes: dict[str, tuple[int, ...]], name: st
             raise TypeError(f"{name}[{key!r}] must be a tensor, got {type(value).__name__}")
         if tuple(value.shape) != tuple(shape):
             raise ValueError(f"{name}[{key!r}] has shape {tuple(value.shape)}, the config needs {tuple(shape)}")
+
+
+def from_encoder(models, tasks, state) -> MergedViT:
+    """A ``MergedViT`` from one encoder state and each source model's own head."""
+    return MergedViT(config=models[0].config, encoder_state=state,
+                     heads={t: head_state(m) for t, m in zip(tasks, models)},
+                     id2label={t: id2label_of(m) for t, m in zip(tasks, models)})

@@ -18,9 +18,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from .. import vit_layout as L
-from . import MergeMethod, register_merge_method
-from .average import from_encoder
 from .common import MergeData, average_states, encoder_state, head_state
+from .merged import from_encoder
+from .registry import MergeMethod, register_merge_method
 
 
 @torch.no_grad()

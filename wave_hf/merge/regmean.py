@@ -11,9 +11,9 @@ import torch
 from torch.nn import functional as F
 
 from .. import vit_layout as L
-from . import MergeMethod, register_merge_method
-from .average import from_encoder
 from .common import MergeData, average_states, encoder_state
+from .merged import from_encoder
+from .registry import MergeMethod, register_merge_method
 
 
 @torch.no_grad()
