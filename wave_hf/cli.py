@@ -62,13 +62,17 @@ def _load(args) -> Any:
     return WaveInitializer.from_pretrained(args.templates, revision=args.revision)
 
 
-def _save_model(model, args: argparse.Namespace) -> None:
-    from .io import mark_output, publish_dir, require_finite
+def _save_model(model, args: argparse.Namespace, **card: Any) -> dict:
+    """A pipeline-ready folder (RGB input, image processor, card): see ``wave_hf.export``."""
+    from .export import rgb_model, write_model_folder
+    from .io import mark_output, publish_dir
 
-    require_finite(model.state_dict().items(), "the model")
+    origin = f"wave-hf {args.command} from {args.templates}"
     with publish_dir(args.out) as tmp:
-        model.save_pretrained(tmp)
+        write_model_folder(model, tmp, origin=origin, base_model=args.templates, **card)
     mark_output(args.out, args.command)
+    return {"parameters": sum(p.numel() for p in rgb_model(model).parameters()), "input": f"RGB {model.config.image_size}px" + (" (grey model, channels averaged exactly)"
+                                                            if model.config.num_channels == 1 else "")}
 
 
 def cmd_info(args) -> dict:
@@ -94,9 +98,8 @@ def cmd_build(args) -> dict:
     prepare_out(args, args.templates)
     init = _load(args)
     model = init.build(args.depth, args.width, num_heads=args.num_heads, num_labels=args.num_labels, seed=args.seed)
-    _save_model(model, args)
-    return {"out": args.out, "parameters": sum(p.numel() for p in model.parameters()),
-            "depth": args.depth, "width": args.width, "num_heads": model.config.num_attention_heads}
+    saved = _save_model(model, args)
+    return {"out": args.out, "depth": args.depth, "width": args.width, "num_heads": model.config.num_attention_heads, **saved}
 
 
 def _dataset(args, init) -> Any:
@@ -140,8 +143,8 @@ def cmd_train(args) -> dict:
         train = train.shuffle(seed=args.seed).select(range(min(args.train_limit, len(train))))
     finetune(model, train, epochs=args.epochs, learning_rate=args.lr, seed=args.seed)
     acc = evaluate(model, data["test"])
-    _save_model(model, args)
-    return {"out": args.out, "test_accuracy": acc}
+    saved = _save_model(model, args, accuracy=acc, dataset=args.data)
+    return {"out": args.out, "test_accuracy": acc, **saved}
 
 
 def cmd_distill(args) -> dict:

@@ -14,18 +14,16 @@ import torch
 from transformers import ViTForImageClassification
 
 from .data import load_image_dataset
+from .export import save_for_pipeline
 from .fit import fit_model
 from .initializer import WaveInitializer
-from .io import publish_dir, require_finite
 from .train import evaluate, finetune
 
 SIZES = [(4, 64), (6, 128), (6, 256)]
 
 
-def _save(model: ViTForImageClassification, folder: Path) -> None:
-    require_finite(model.state_dict().items(), f"the model for {folder}")
-    with publish_dir(folder) as tmp:
-        model.save_pretrained(tmp)
+def _save(model: ViTForImageClassification, folder: Path, origin: str, accuracy: float) -> None:
+    save_for_pipeline(model, folder, origin=origin, accuracy=accuracy, dataset="fashion_mnist")
 
 
 def run_demo(out: str = "outputs/demo", quick: bool = False, seed: int = 0, bank: str = "default") -> dict:
@@ -56,8 +54,8 @@ def run_demo(out: str = "outputs/demo", quick: bool = False, seed: int = 0, bank
         random_acc = evaluate(random, data["test"])
         random_s = time.perf_counter() - t0
 
-        _save(wave, out_dir / f"wave-{depth}x{width}")
-        _save(random, out_dir / f"random-{depth}x{width}")
+        _save(wave, out_dir / f"wave-{depth}x{width}", f"WAVE bank {bank}, fitted and fine-tuned", wave_acc)
+        _save(random, out_dir / f"random-{depth}x{width}", "random init, fine-tuned", random_acc)
         rows.append({"size": f"{depth}x{width}", "params": sum(p.numel() for p in wave.parameters()),
                      "wave_after_fit": wave_start, "wave": wave_acc, "random": random_acc,
                      "wave_seconds": wave_s, "random_seconds": random_s})

@@ -163,8 +163,9 @@ class Batches:
 
 
 class _Share:
-    """This process's contiguous share of every global batch from batch ``start`` on (the split of
-    accelerate's ``split_batches``; a short batch is split as evenly as it goes)."""
+    """This process's contiguous share of every global batch from batch ``start`` on: for a full batch exactly
+    accelerate's ``split_batches`` split. A short batch is split as evenly as it goes; when its size is not a
+    multiple of the process count, DDP's mean of per-process means weights its items slightly unequally."""
 
     def __init__(self, sampler: BatchSampler, start: int, rank: int, world: int):
         self.sampler, self.start, self.rank, self.world = sampler, start, rank, world

@@ -23,6 +23,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from .. import cards
 from .. import vit_layout as L
+from ..export import image_processor
 from ..io import HubMixin, require_finite
 from ..validation import check_id2label, check_unique_names
 from .common import encoder_state, head_state, id2label_of, model_source, validate_models
@@ -113,7 +114,7 @@ class _MultiTaskResult(HubMixin, library_name="wave-hf", tags=list(CARD_TAGS),
         ]
         data = ModelCardData(
             library_name="wave-hf",
-            base_model=[s for s in self.sources if s] or None,
+            base_model=cards.repo_ids(list(self.sources), "base_model"),
             tags=list(CARD_TAGS),
             pipeline_tag="image-classification",
             model_name=name if evals else None,
@@ -149,7 +150,10 @@ class _MultiTaskResult(HubMixin, library_name="wave-hf", tags=list(CARD_TAGS),
         for task in self.tasks:
             require_finite(self.for_task(task).state_dict().items(), f"the merged model of task {task!r}")
         for task in self.tasks:
-            self.for_task(task).save_pretrained(save_directory / task)
+            model = self.for_task(task)
+            model.save_pretrained(save_directory / task)
+            if model.config.num_channels == 3:  # RGB task folders run in pipeline() as they are
+                image_processor(model.config.image_size).save_pretrained(save_directory / task)
         cfg = self.merge_config()
         (save_directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
         self.model_card().save(save_directory / "README.md")

@@ -74,7 +74,7 @@ class TrainConfig(TrainingOptions):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        OneCycle(self.pct_start).check(1)
+        OneCycle(self.pct_start).check(steps=1)  # the loop checks the schedule again with the run's steps
 
     def total_steps(self, n: int) -> int:
         """``steps``, else ``epochs`` passes over ``n`` images (the last batch of each may be short)."""
