@@ -38,6 +38,8 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import logging
 
+from .validation import check_tensors
+
 logger = logging.get_logger(__name__)
 
 CKPT_DIR = "checkpoints"
@@ -311,15 +313,15 @@ class Checkpoint:
         target = accelerator.unwrap_model(model) if accelerator is not None else model
         saved = self._load_tensors(MODEL_FILE)
         params = {n: p for n, p in target.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint {self.path} does not fit this model: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}; remove the folder or pick another checkpoint folder")
+        try:
+            check_tensors(saved, {n: tuple(p.shape) for n, p in params.items()}, "its trainable parameters")
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {self.path} does not fit this model: {err}; remove the folder or "
+                                  "pick another checkpoint folder") from err
         for name, p in params.items():
             value = saved[name]
-            if value.shape != p.shape or value.dtype != p.dtype:
-                raise CheckpointError(f"checkpoint {self.path}: {name} is {value.dtype}{tuple(value.shape)} "
-                                      f"there, {p.dtype}{tuple(p.shape)} in this model")
+            if value.dtype != p.dtype:
+                raise CheckpointError(f"checkpoint {self.path}: {name} is {value.dtype} there, {p.dtype} here")
             with torch.no_grad():
                 p.copy_(value)
         state = json.loads((self.path / STATE_FILE).read_text())

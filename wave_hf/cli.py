@@ -38,17 +38,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(self.prog, message)
 
 
-def _hub_args(p: argparse.ArgumentParser, flag: str = "--templates", help_: str = "bank folder, repo id or 'default'"):
-    p.add_argument(flag, default="default", help=help_)
+def _target_args(p: argparse.ArgumentParser, *, data: bool = False) -> None:
+    """The bank (folder, repo id or 'default', and its revision), the target size and the seed."""
+    p.add_argument("--templates", default="default", help="bank folder, repo id or 'default'")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the bank")
-
-
-def _size_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int_arg(1), required=True, help="number of transformer layers")
     p.add_argument("--width", type=int_arg(1), required=True, help="hidden size, a multiple of the template width")
     p.add_argument("--num-heads", type=int_arg(1), default=None,
                    help="attention heads (default: width // head_dim)")
     p.add_argument("--seed", type=int_arg(0), default=0)
+    if data:
+        _data_arg(p)
 
 
 def _data_arg(p: argparse.ArgumentParser) -> None:
@@ -175,6 +175,10 @@ def cmd_demo(args) -> dict:
     return {"results": f"{args.out}/results.md", "models": args.out, "sizes": [r["size"] for r in result["rows"]]}
 
 
+#: commands that only read a bank and write a small folder: no progress bars
+QUIET_COMMANDS = ("info", "build")
+
+
 def _common_flags(default: Any) -> argparse.ArgumentParser:
     """``--json`` and ``--debug``, accepted before or after the subcommand (``default`` SUPPRESS on the latter)."""
     common = _Parser(add_help=False)
@@ -201,17 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("build", help="assemble a stock ViTForImageClassification and save it",
             epilog="example: wave-hf build --templates default --depth 6 --width 128 --out vit-6x128")
-    _hub_args(p)
-    _size_args(p)
+    _target_args(p)
     p.add_argument("--num-labels", type=int_arg(1), default=10)
     output_args(p)
     p.set_defaults(func=cmd_build)
 
     p = add("fit", help="fit scalers for one size (templates frozen) and save them with the bank",
             epilog="example: wave-hf fit --templates default --depth 6 --width 128 --data fashion_mnist --out my-bank")
-    _hub_args(p)
-    _size_args(p)
-    _data_arg(p)
+    _target_args(p, data=True)
     p.add_argument("--max-images", type=int_arg(1), default=1000)
     p.add_argument("--steps", type=int_arg(1), default=300)
     p.add_argument("--lowrank-rank", type=int_arg(0), default=0,
@@ -223,9 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", help="build (+ fit scalers) and fine-tune with the transformers Trainer",
             epilog="example: wave-hf train --templates default --depth 4 --width 64 --data fashion_mnist --out vit")
-    _hub_args(p)
-    _size_args(p)
-    _data_arg(p)
+    _target_args(p, data=True)
     p.add_argument("--fit-steps", type=int_arg(0), default=300, help="scaler-fitting steps before fine-tuning (0: skip)")
     p.add_argument("--epochs", type=float_arg(0), default=1.0)
     p.add_argument("--lr", type=float_arg(0), default=5e-4)
@@ -286,6 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:  # one line, like every other error; --help shows the usage
         return _fail(f"{err} (see {err.prog} --help)", "UsageError", as_json)
     func: Callable[[argparse.Namespace], Any] = args.func
+    if args.command in QUIET_COMMANDS:  # loading a bank is instant: transformers' weight-loading bars are noise
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         result = func(args)
     except (ValueError, TypeError, OSError, ImportError, KeyError) as err:

@@ -51,7 +51,55 @@ _JSON_TYPES = {
     "qkv_bias": ((bool,), "true or false"),
     "hidden_act": ((str,), "a string"),
     "layer_norm_eps": ((int, float), "a number"),
+    "image_mean": ((list, type(None)), "a list of numbers or null"),
+    "image_std": ((list, type(None)), "a list of numbers or null"),
+    "resample": ((str, type(None)), "a string or null"),
+    "teacher_image_size": ((int, type(None)), "an integer or null"),
 }
+#: Resize filters ``wave_hf.data`` implements (``torch.nn.functional.interpolate``, antialiased when shrinking).
+RESAMPLE_MODES = ("nearest", "bilinear", "bicubic")
+#: PIL's resampling enum (what a transformers image processor stores) -> the nearest mode above. LANCZOS,
+#: BOX and HAMMING have no antialiased torch counterpart; bicubic/bilinear are the closest filters.
+PIL_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bilinear"}
+#: What a bank without preprocessing fields (written before they existed) was trained with: ``(x/255 - 0.5)/0.5``.
+DEFAULT_MEAN, DEFAULT_STD, DEFAULT_RESAMPLE = (0.5,), (0.5,), "bilinear"
+
+
+def resample_name(value: Any) -> str:
+    """A resize filter as one of ``RESAMPLE_MODES``, from a name or PIL's enum (an int, as processors save it)."""
+    if isinstance(value, str):
+        if value.lower() not in RESAMPLE_MODES:
+            raise ValueError(f"resample={value!r} is not one of {list(RESAMPLE_MODES)} (or a PIL resampling int 0-5)")
+        return value.lower()
+    try:
+        return PIL_RESAMPLE[check_int("resample", value, 0, 5)]
+    except TypeError:
+        raise TypeError(f"resample must be one of {list(RESAMPLE_MODES)} or a PIL resampling int 0-5, "
+                        f"got {value!r}") from None
+
+
+def check_preprocessing(image_mean: Any, image_std: Any, resample: Any, num_channels: int
+                        ) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """Validated ``(mean, std, resample)`` for images of ``num_channels`` channels; ``None`` means the default.
+
+    ``mean``/``std`` hold one value per channel, or one value for all of them; a 3-value (RGB) pair on a grey
+    model is averaged, because a grey model is fed the mean of the RGB channels (``wave_hf.data``).
+    """
+    out = []
+    for name, values, default, low in (("image_mean", image_mean, DEFAULT_MEAN, None),
+                                       ("image_std", image_std, DEFAULT_STD, 0.0)):
+        if values is None:
+            values = default
+        if isinstance(values, (int, float)) and not isinstance(values, bool):
+            values = [values]
+        grey_from_rgb = num_channels == 1 and isinstance(values, (list, tuple)) and len(values) == 3
+        if not isinstance(values, (list, tuple)) or len(values) not in (1, num_channels) and not grey_from_rgb:
+            raise ValueError(f"{name} must be a list of 1 or {num_channels} numbers (one per channel), got {values!r}")
+        numbers = [check_float(f"{name}[{i}]", v, low, None, low_open=low is not None) for i, v in enumerate(values)]
+        if grey_from_rgb:
+            numbers = [sum(numbers) / 3]
+        out.append(tuple(numbers * num_channels if len(numbers) == 1 else numbers))
+    return out[0], out[1], resample_name(DEFAULT_RESAMPLE if resample is None else resample)
 
 
 class WaveTemplateConfig(PreTrainedConfig):
@@ -77,6 +125,12 @@ class WaveTemplateConfig(PreTrainedConfig):
             target's ``ViTConfig``.
         aux_depth, aux_width (`int`): size of the auxiliary model; its scalers ship in the bank.
         teacher_name_or_path, teacher_dataset (`str`, optional): provenance, rendered into the model card.
+        image_mean, image_std (`list[float]`, optional), resample (`str`, optional): the preprocessing of the
+            teacher the bank was distilled from (its image processor's, or its family's stated defaults), so
+            that ``wave_hf.data`` feeds every built model what the teacher saw. ``None`` (banks written before
+            these fields existed) means wave-hf's original ``(x/255 - 0.5) / 0.5`` with a bilinear resize.
+        teacher_image_size (`int`, optional): the teacher's own ``config.image_size``; ``image_size`` is the
+            size the bank was distilled at (the teacher's position grid resampled to it once).
         metrics (`dict`, optional): measured accuracies (teacher, auxiliary model, ...), for the card.
     """
 
@@ -98,6 +152,10 @@ class WaveTemplateConfig(PreTrainedConfig):
     teacher_name_or_path: str | None = None
     teacher_dataset: str | None = None
     metrics: dict | None = None
+    image_mean: list | None = None
+    image_std: list | None = None
+    resample: str | None = None
+    teacher_image_size: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -133,6 +191,17 @@ class WaveTemplateConfig(PreTrainedConfig):
             raise TypeError(f"qkv_bias must be a bool, got {self.qkv_bias!r}")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not one of {sorted(ACT2FN)}")
+        if self.image_mean is not None or self.image_std is not None or self.resample is not None:
+            if (self.image_mean is None) != (self.image_std is None):
+                raise ValueError(f"image_mean and image_std go together, got image_mean={self.image_mean!r}, "
+                                 f"image_std={self.image_std!r}")
+            mean, std, resample = check_preprocessing(self.image_mean, self.image_std, self.resample,
+                                                      self.num_channels)
+            self.resample = resample
+            if self.image_mean is not None:
+                self.image_mean, self.image_std = list(mean), list(std)
+        if self.teacher_image_size is not None:
+            self.teacher_image_size = check_int("teacher_image_size", self.teacher_image_size, 1, MAX_IMAGE_SIZE)
         for name in ("teacher_name_or_path", "teacher_dataset"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

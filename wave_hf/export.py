@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from transformers import ViTForImageClassification, ViTImageProcessor
+from transformers import ViTForImageClassification, ViTImageProcessorPil
 from transformers.image_utils import PILImageResampling
 
 from . import cards
@@ -28,9 +28,9 @@ from .io import publish_dir, require_finite
 MEAN = STD = 0.5
 
 
-def image_processor(image_size: int, num_channels: int = 3) -> ViTImageProcessor:
-    """The processor that reproduces ``wave_hf.data``'s preprocessing for a model of this input size."""
-    return ViTImageProcessor(
+def image_processor(image_size: int, num_channels: int = 3) -> ViTImageProcessorPil:
+    """The processor that reproduces ``wave_hf.data``'s preprocessing (the PIL backend: no torchvision)."""
+    return ViTImageProcessorPil(
         do_resize=True, size={"height": image_size, "width": image_size}, resample=PILImageResampling.BILINEAR,
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[MEAN] * num_channels,
         image_std=[STD] * num_channels, do_convert_rgb=num_channels == 3,

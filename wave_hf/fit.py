@@ -23,21 +23,13 @@ import torch
 from torch import Tensor, nn
 from transformers import ViTForImageClassification
 
+from . import training
 from .checkpoint import dataset_fingerprint, tensors_fingerprint
 from .distill import Teacher, distillation_loss, load_teacher, teacher_has_head
 from .fold import fold
 from .loop import Cosine, LoopResult, LoopSettings, run_loop
 from .scalers import Scalers, check_lowrank_rank, check_size
-from .training import (
-    check_dataset,
-    check_labels,
-    check_positive,
-    dataset_batches,
-    dataset_labels,
-    dataset_num_labels,
-    forward_output,
-    seeded_subset,
-)
+from .templates import TemplateBank
 
 if TYPE_CHECKING:
     from .initializer import WaveInitializer
@@ -70,27 +62,26 @@ def _fit(
     progress: bool,
 ) -> tuple[ViTForImageClassification, LoopResult]:
     """The shared body of ``fit_scalers`` and ``fit_model``: returns the trained parametrized model."""
-    from .initializer import WaveInitializer
-
-    if not isinstance(initializer, WaveInitializer):
+    # Checked by what it holds, not by class: ``initializer`` imports this module (``fit_scalers``).
+    if not isinstance(getattr(initializer, "bank", None), TemplateBank) or not hasattr(initializer, "parametrize"):
         raise TypeError(f"initializer must be a WaveInitializer, got {type(initializer).__name__}")
     heads = check_size(initializer.config, depth, width, num_heads)
     check_lowrank_rank(lowrank_rank, width)
     if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
         raise ValueError(f"max_images must be an int >= 1 or None, got {max_images!r}")
-    lr = check_positive("lr", lr)
-    vectors_lr = lr / 10 if vectors_lr is None else check_positive("vectors_lr", vectors_lr)
-    kd_weight = check_positive("kd_weight", kd_weight, allow_zero=True)
-    temperature = check_positive("temperature", temperature)
+    lr = training.check_positive("lr", lr)
+    vectors_lr = lr / 10 if vectors_lr is None else training.check_positive("vectors_lr", vectors_lr)
+    kd_weight = training.check_positive("kd_weight", kd_weight, allow_zero=True)
+    temperature = training.check_positive("temperature", temperature)
     if not (isinstance(warmup_ratio, (int, float)) and 0.0 <= warmup_ratio < 1.0):
         raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
     settings = LoopSettings(steps=steps, lr=lr, batch_size=batch_size, schedule=Cosine(int(warmup_ratio * steps)),
                             seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, max_steps=max_steps,
                             progress=progress, desc=f"fit {depth}x{width}")
-    check_dataset(train_dataset)
-    feature_labels, feature_names = dataset_num_labels(train_dataset)
-    data = seeded_subset(train_dataset, max_images, seed)
-    labels = dataset_labels(data)
+    training.check_dataset(train_dataset)
+    feature_labels, feature_names = training.dataset_num_labels(train_dataset)
+    data = training.seeded_subset(train_dataset, max_images, seed)
+    labels = training.dataset_labels(data)
     if num_labels is None and id2label is None:
         num_labels, id2label = feature_labels, feature_names
         if num_labels is None:
@@ -99,7 +90,7 @@ def _fit(
         num_labels = len(id2label)
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise ValueError(f"num_labels must be an int >= 1, got {num_labels!r}")
-    check_labels(labels, num_labels)
+    training.check_labels(labels, num_labels)
 
     kd = None
     if teacher is not None and kd_weight > 0:
@@ -133,7 +124,7 @@ def _fit(
         if kd is None:
             return ce
         with torch.no_grad():
-            target = forward_output(kd.to(x.device), x)
+            target = training.forward_output(kd.to(x.device), x)
         return ce + kd_weight * distillation_loss(logits, target, None, temperature=temperature, alpha=1.0)
 
     run_id = None
@@ -148,7 +139,7 @@ def _fit(
             "teacher": tensors_fingerprint(kd.state_dict()) if kd is not None else None,
             "data": dataset_fingerprint(data, labels),
         }
-    model, log = run_loop(model, groups, dataset_batches(data, settings), loss_fn, settings, fingerprint=run_id)
+    model, log = run_loop(model, groups, training.dataset_batches(data, settings), loss_fn, settings, fingerprint=run_id)
     model.requires_grad_(False)
     return model, log
 

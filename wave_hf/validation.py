@@ -20,6 +20,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
+
 #: Transformer layers of a target, a teacher or an auxiliary model.
 MAX_DEPTH = 1024
 #: Hidden size (and template width, head size) of any ViT built here. ViT-H is 1280, ViT-22B is 6144.
@@ -270,3 +272,20 @@ def check_memory(num_bytes: int, what: str) -> None:
             f"{what} needs about {format_bytes(num_bytes)} of memory, more than the limit of "
             f"{format_bytes(limit)} ({MEMORY_FRACTION:.0%} of the {format_bytes(available)} available now)"
         )
+
+
+def check_tensors(tensors: object, shapes: dict[str, tuple[int, ...]], name: str) -> None:
+    """Every expected key present, a tensor of the expected shape; nothing else. A wrong shape would
+    otherwise surface as a RuntimeError from ``load_state_dict`` at the first ``for_task``."""
+    if not isinstance(tensors, dict):
+        raise TypeError(f"{name} must be a dict of tensors, got {type(tensors).__name__}")
+    missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"{name} is missing {len(missing)} keys (e.g. {missing[:3]}) and has {len(extra)} "
+                         f"unexpected ones (e.g. {extra[:3]})")
+    for key, shape in shapes.items():
+        value = tensors[key]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}[{key!r}] must be a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{name}[{key!r}] has shape {tuple(value.shape)}, the config needs {tuple(shape)}")

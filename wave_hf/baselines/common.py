@@ -25,14 +25,8 @@ def load_teacher(teacher: ViTForImageClassification | str | os.PathLike) -> ViTF
     raise TypeError(f"teacher must be a ViTForImageClassification or a path, got {type(teacher).__name__}")
 
 
-def config_like(
-    source: ViTConfig,
-    depth: int,
-    width: int,
-    num_heads: int | None = None,
-    num_labels: int = 10,
-    id2label: dict[int, str] | None = None,
-) -> ViTConfig:
+def config_like(source: ViTConfig, depth: int, width: int, num_heads: int | None = None, num_labels: int = 10,
+                id2label: dict[int, str] | None = None) -> ViTConfig:
     """A stock config with ``source``'s geometry, norm eps and activation at a new size.
 
     The default head count keeps the source's head size (a 192-wide, 3-head teacher gives 64-wide heads).

@@ -25,7 +25,7 @@ from .. import cards
 from .. import vit_layout as L
 from ..export import image_processor
 from ..io import HubMixin, require_finite
-from ..validation import check_id2label, check_unique_names
+from ..validation import check_id2label, check_tensors, check_unique_names
 from .common import encoder_state, head_state, id2label_of, model_source, validate_models
 
 CONFIG_NAME = "merge_config.json"
@@ -271,7 +271,7 @@ class MergedViT(_MultiTaskResult):
         if metadata is not None and not isinstance(metadata, dict):
             raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
         shapes = L.tensor_shapes(L.shape_of(config))
-        _check_tensors(encoder_state, shapes, "encoder_state")
+        check_tensors(encoder_state, shapes, "encoder_state")
         self.id2label = {}
         for task, head in heads.items():
             if task not in id2label:
@@ -280,7 +280,7 @@ class MergedViT(_MultiTaskResult):
             n = len(labels)
             if not (isinstance(head, (tuple, list)) and len(head) == 2):
                 raise TypeError(f"heads[{task!r}] must be a (weight, bias) pair of tensors, got {type(head).__name__}")
-            _check_tensors(dict(zip(L.classifier_keys(), head)), dict(zip(L.classifier_keys(),
+            check_tensors(dict(zip(L.classifier_keys(), head)), dict(zip(L.classifier_keys(),
                                                                             ((n, config.hidden_size), (n,)))),
                            f"heads[{task!r}]")
             self.id2label[task] = labels
@@ -369,23 +369,6 @@ def _check_str_list(values: object, name: str) -> None:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not all(
             isinstance(v, str) for v in values):
         raise TypeError(f"{name} must be a list of strings, got {values!r}")
-
-
-def _check_tensors(tensors: object, shapes: dict[str, tuple[int, ...]], name: str) -> None:
-    """Every expected key present, a tensor of the expected shape; nothing else. A wrong shape would
-    otherwise surface as a RuntimeError from ``load_state_dict`` at the first ``for_task``."""
-    if not isinstance(tensors, dict):
-        raise TypeError(f"{name} must be a dict of tensors, got {type(tensors).__name__}")
-    missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
-    if missing or extra:
-        raise ValueError(f"{name} is missing {len(missing)} keys (e.g. {missing[:3]}) and has {len(extra)} "
-                         f"unexpected ones (e.g. {extra[:3]})")
-    for key, shape in shapes.items():
-        value = tensors[key]
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name}[{key!r}] must be a tensor, got {type(value).__name__}")
-        if tuple(value.shape) != tuple(shape):
-            raise ValueError(f"{name}[{key!r}] has shape {tuple(value.shape)}, the config needs {tuple(shape)}")
 
 
 def from_encoder(models, tasks, state) -> MergedViT:
