@@ -78,3 +78,15 @@ def test_fit_with_lowrank_saves_the_correction_with_the_bank(bank_dir, tmp_path,
     plain = json.loads(capsys.readouterr().out)["parameters"]
     scalers = WaveInitializer.from_pretrained(out).scalers_for(2, 32, 2)
     assert with_lowrank == sum(p.numel() for p in scalers.parameters()) > plain
+
+
+def test_command_line_sets_a_passive_wait_policy_and_the_library_does_not():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    probe = "import os, sys; sys.argv[0] = {!r}; import wave_hf; print(os.environ.get('OMP_WAIT_POLICY'))"
+    as_cli = subprocess.run([sys.executable, "-c", probe.format("wave-hf")], env=env, capture_output=True, text=True)
+    as_lib = subprocess.run([sys.executable, "-c", probe.format("train.py")], env=env, capture_output=True, text=True)
+    assert as_cli.stdout.strip() == "PASSIVE" and as_lib.stdout.strip() == "None"

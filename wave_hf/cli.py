@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +23,9 @@ EXAMPLES = """examples:
   wave-hf distill --teacher path/to/vit --data fashion_mnist --steps 2000 --out my-bank
   wave-hf merge --models vit-a vit-b --tasks fmnist digits --data fashion_mnist digits --out merged
   wave-hf demo --out outputs/demo
+
+threads: on the command line wave-hf sets OMP_WAIT_POLICY=PASSIVE (unless it is set) so that idle torch
+threads sleep instead of spinning on a shared machine; WAVE_HF_THREADS=N sets torch's thread count.
 """
 
 
@@ -285,6 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:  # one line, like every other error; --help shows the usage
         return _fail(f"{err} (see {err.prog} --help)", "UsageError", as_json)
     func: Callable[[argparse.Namespace], Any] = args.func
+    threads = os.environ.get("WAVE_HF_THREADS")
+    if threads:
+        import torch
+
+        if not threads.isdigit() or int(threads) < 1:
+            return _fail(f"wave-hf: error: WAVE_HF_THREADS must be an int >= 1, got {threads!r}", "ValueError",
+                         args.json)
+        torch.set_num_threads(int(threads))
     if args.command in QUIET_COMMANDS:  # loading a bank is instant: transformers' weight-loading bars are noise
         from transformers.utils import logging as hf_logging
 

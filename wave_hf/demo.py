@@ -26,8 +26,25 @@ def _save(model: ViTForImageClassification, folder: Path, origin: str, accuracy:
     save_for_pipeline(model, folder, origin=origin, accuracy=accuracy, dataset="fashion_mnist")
 
 
-def run_demo(out: str = "outputs/demo", quick: bool = False, seed: int = 0, bank: str = "default") -> dict:
-    """Run the comparison and return (and write) the results table."""
+def run_demo(out: str = "outputs/demo", quick: bool = False, seed: int = 0, bank: str = "default",
+             progress: bool = True) -> dict:
+    """Run the comparison and return (and write) the results table.
+
+    ``progress`` shows one bar (with an ETA) per stage: the scaler fit, then each fine-tune; transformers'
+    own loading and saving bars are silenced (they are instant and would bury the stage bars).
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _run(out, quick, seed, bank, progress)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _run(out: str, quick: bool, seed: int, bank: str, progress: bool) -> dict:
     init = WaveInitializer.from_pretrained(bank)
     c = init.config
     sizes = [(2, c.template_width)] if quick else SIZES
@@ -41,16 +58,16 @@ def run_demo(out: str = "outputs/demo", quick: bool = False, seed: int = 0, bank
         t0 = time.perf_counter()
         # Stage 2 keeps its fitted head: the fine-tune starts from a working classifier.
         wave = fit_model(init, depth, width, data["train"], id2label=id2label, steps=fit_steps, seed=seed,
-                         progress=False)
+                         progress=progress)
         wave_start = evaluate(wave, data["test"])
-        finetune(wave, data["train"], seed=seed, progress=False)
+        finetune(wave, data["train"], seed=seed, progress=progress)
         wave_acc = evaluate(wave, data["test"])
         wave_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         random = ViTForImageClassification(init.vit_config(depth, width, id2label=id2label))
-        finetune(random, data["train"], seed=seed, progress=False)
+        finetune(random, data["train"], seed=seed, progress=progress)
         random_acc = evaluate(random, data["test"])
         random_s = time.perf_counter() - t0
 
