@@ -6,10 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..validation import MAX_RANK, check_int
-from .common import MergeData, routed_targets
+from .common import MergeData, check_choice, routed_targets
+from .permute import aligned_models, matching_images
 from .registry import MergeMethod, register_merge_method
-from .supernet import SuperNet
-from .train import TrainConfig, TrainingOptions, reconstruction_loss, train_reconstruction
+from .supernet import INITS, SuperNet
+from .train import TrainConfig, TrainingOptions, reconstruction_loss, run_online, train_reconstruction
+
+FS_INITS = (*INITS, "permute")
 
 
 @register_merge_method("fs_merge")
@@ -17,36 +20,51 @@ from .train import TrainConfig, TrainingOptions, reconstruction_loss, train_reco
 class FSMerge(TrainingOptions, MergeMethod):
     """Args:
     rank: rank r of the low-rank part of each width-d M/U (MLP-hidden maps get 4r); 0 = diagonal only.
-    init: "first" (starts as model 1) or "average" (starts as the weight average).
+    init: "first" (starts as model 1), "average" (starts as the weight average) or "permute" (models 2..N
+        permuted onto model 1 by activation matching on the merge images, then averaged: starts as the
+        ``permute`` baseline, so every model contributes from step 0; ``match_images`` images are used).
     epochs / steps: training length (``steps`` overrides); batch_size; lr (low-rank factors and LNs);
     lr_diag (the diagonals); weight_decay. output_dir: resumable checkpoints; stop_after: for tests.
+    augmentation ("shift" | "online"), online_views, augment_config: the data (see ``TrainingOptions``).
+    tokens, inner, inner_layers, inner_weight, targets, normalize: the loss (see ``ReconstructionSpec``).
     """
 
     rank: int = 8
     init: str = "first"
     lr_diag: float = 1e-3
+    match_images: int = 512
 
     def __post_init__(self):
         self.rank = check_int("rank", self.rank, 0, MAX_RANK, hint=" (validation.MAX_RANK)")
+        check_choice("init", self.init, FS_INITS)
+        self.match_images = check_int("match_images", self.match_images, 1)
         self.train_config()  # validate early
 
     def train_config(self, lr_diag: float | None = None) -> TrainConfig:
         return super().train_config(self.lr_diag if lr_diag is None else lr_diag)
 
     def build(self, models, tasks) -> SuperNet:
-        return SuperNet(models, tasks, rank=self.rank, init=self.init, seed=self.seed)
+        init = "average" if self.init == "permute" else self.init
+        return SuperNet(models, tasks, rank=self.rank, init=init, seed=self.seed)
 
     def run(self, models, tasks, data: MergeData):
+        cfg = self.train_config()
+        if self.init == "permute":  # function-preserving copies: targets and heads move with the units
+            models = aligned_models(models, matching_images(data.originals, self.match_images))
         net = self.build(models, tasks)
-        x, ids, y = routed_targets(models, data.all_images())
-        before = reconstruction_loss(net, x, ids, y)
-        res = train_reconstruction(net, x, ids, y, self.train_config(),
-                                   fingerprint={"method": "fs_merge", "rank": self.rank, "init": self.init})
+        fingerprint = {"method": "fs_merge", "rank": self.rank, "init": self.init}
+        if cfg.online:
+            res, before, after = run_online(net, models, data, cfg, fingerprint)
+        else:
+            x, ids, y = routed_targets(models, data.all_images())
+            before = reconstruction_loss(net, x, ids, y)
+            res = train_reconstruction(net, x, ids, y, cfg, fingerprint=fingerprint)
+            after = reconstruction_loss(net, x, ids, y)
         merged = net.fold()
         merged.metadata.update({
             "trainable_parameters": net.num_trainable(),
             "loss_before": before,
-            "loss_after": reconstruction_loss(net, x, ids, y),
+            "loss_after": after,
             "steps": res.steps_done,
             "total_steps": res.total_steps,
             "stopped_early": res.stopped_early,

@@ -11,6 +11,8 @@ activation correlations over the merge images of all tasks:
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,6 +130,42 @@ def align(ref_model, model, images: torch.Tensor, ref_acts: dict | None = None) 
     return perms
 
 
+def matching_images(originals: Sequence[torch.Tensor], max_images: int) -> torch.Tensor:
+    """The original merge images of every task, pooled; a fixed random subset of ``max_images`` if more."""
+    x = torch.cat(list(originals))
+    if len(x) > max_images:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:max_images]]
+    return x
+
+
+def aligned_states(models, x: torch.Tensor) -> tuple[list[dict], list[tuple]]:
+    """Encoder states and heads of every model, models 2..N permuted onto model 1 by activation matching."""
+    ref_acts = activations(models[0], x)
+    depth = models[0].config.num_hidden_layers
+    states, heads = [encoder_state(models[0])], [head_state(models[0])]
+    for m in models[1:]:
+        s, h = permute_state(encoder_state(m), head_state(m), align(models[0], m, x, ref_acts), depth)
+        states.append(s)
+        heads.append(h)
+    return states, heads
+
+
+def aligned_models(models, x: torch.Tensor) -> list:
+    """Copies of the models with 2..N permuted onto model 1 (each computes exactly its original's logits; only
+    its hidden units are reordered). FS-Merge's ``init="permute"`` builds its SuperNet over these, so that the
+    averaged maps already combine matched units and every model contributes from step 0."""
+    states, heads = aligned_states(models, x)
+    out = [models[0]]
+    for m, s, (hw, hb) in zip(models[1:], states[1:], heads[1:]):
+        c = copy.deepcopy(m)
+        full = c.state_dict()
+        full.update(s)
+        full.update(dict(zip(L.classifier_keys(), (hw, hb))))
+        c.load_state_dict(full)
+        out.append(c.eval())
+    return out
+
+
 @register_merge_method("permute")
 @dataclass
 class Permute(MergeMethod):
@@ -135,16 +173,7 @@ class Permute(MergeMethod):
     max_images: int = 512  # images (pooled over tasks) used for matching
 
     def run(self, models, tasks, data: MergeData):
-        x = torch.cat(data.originals)
-        if len(x) > self.max_images:
-            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: self.max_images]]
-        ref_acts = activations(models[0], x)
-        depth = models[0].config.num_hidden_layers
-        states, heads = [encoder_state(models[0])], [head_state(models[0])]
-        for m in models[1:]:
-            s, h = permute_state(encoder_state(m), head_state(m), align(models[0], m, x, ref_acts), depth)
-            states.append(s)
-            heads.append(h)
+        states, heads = aligned_states(models, matching_images(data.originals, self.max_images))
         merged = from_encoder(models, tasks, average_states(states))
         merged.heads = dict(zip(tasks, heads))
         return merged

@@ -134,6 +134,11 @@ class SuperBlock(nn.Module):
                 "o": (self.u_o, self.m_o), "fc1": (self.u_mlp, self.m_fc1), "fc2": (self.u_fc2, self.m_fc2)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_sites(x)[0]
+
+    def forward_sites(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's output and its per-model attention / MLP outputs before the merge, each (B, T, N, d):
+        the unmerged streams that the inner-feature losses compare with each original's."""
         b, t, d = x.shape
         z = self.u_att(self.ln1(x))
         q = self.m_q(_per_model_linear(z, self.w_q, self.b_q))
@@ -142,10 +147,12 @@ class SuperBlock(nn.Module):
         heads = lambda y: y.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)  # noqa: E731
         ctx = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))  # scale 1/sqrt(head_dim)
         ctx = ctx.transpose(1, 2).reshape(b, t, d)
-        x = x + self.m_o(_per_model_linear(self.u_o(ctx), self.w_o, self.b_o))
+        att = _per_model_linear(self.u_o(ctx), self.w_o, self.b_o)
+        x = x + self.m_o(att)
         z = self.u_mlp(self.ln2(x))
         hid = self.act(self.m_fc1(_per_model_linear(z, self.w_fc1, self.b_fc1)))
-        return x + self.m_fc2(_per_model_linear(self.u_fc2(hid), self.w_fc2, self.b_fc2))
+        mlp = _per_model_linear(self.u_fc2(hid), self.w_fc2, self.b_fc2)
+        return x + self.m_fc2(mlp), att, mlp
 
 
 class SuperNet(nn.Module):
@@ -200,21 +207,55 @@ class SuperNet(nn.Module):
 
     def merged_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """f*: the merged CLS feature after the merged final LayerNorm, (B, d)."""
+        return self.final_ln(self._stream(pixel_values))[:, 0]
+
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         b, d = pixel_values.shape[0], self.config.hidden_size
         patches = F.conv2d(pixel_values, self.patch_w, self.patch_b, stride=self.config.patch_size)
         patches = patches.flatten(2).transpose(1, 2).unflatten(-1, (self.n, d))  # (B, T-1, N, d)
         tokens = torch.cat([self.cls.expand(b, 1, self.n, d), patches], 1) + self.pos
-        x = self.m_pre(tokens)
+        return self.m_pre(tokens)
+
+    def _stream(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self._embed(pixel_values)
         for block in self.blocks:
             x = block(x)
-        return self.final_ln(x)[:, 0]
+        return x
+
+    def site_features(self, pixel_values: torch.Tensor, sites: Sequence[str], tokens: str = "cls"
+                      ) -> dict[str, torch.Tensor]:
+        """The SuperNet's counterpart of ``common.site_features`` for every model at once: each site as
+        (B, K, N, d), stream i being what stands in for model i (``"final"``: U_task block i of the merged
+        output, at the CLS token or every token; ``"att{l}"``/``"mlp{l}"``: model i's unmerged attention / MLP
+        output of block l, every token)."""
+        want = set(sites)
+        out: dict[str, torch.Tensor] = {}
+        x = self._embed(pixel_values)
+        for layer, block in enumerate(self.blocks):
+            att_site, mlp_site = f"att{layer}", f"mlp{layer}"
+            if att_site in want or mlp_site in want:
+                x, att, mlp = block.forward_sites(x)
+                if att_site in want:
+                    out[att_site] = att
+                if mlp_site in want:
+                    out[mlp_site] = mlp
+            else:
+                x = block(x)
+        if "final" in want:
+            h = self.final_ln(x)
+            out["final"] = self.u_task(h[:, :1] if tokens == "cls" else h)
+        return {s: out[s] for s in sites}
 
     def task_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Every task's pre-head feature, (B, N, d): block i of U_task applied to f*."""
         return self.u_task(self.merged_feature(pixel_values))
 
-    def forward(self, pixel_values: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """Pre-head feature of each sample's own task (row b uses task ``task_ids[b]``), (B, d)."""
+    def forward(self, pixel_values: torch.Tensor, task_ids: torch.Tensor | None = None,
+                sites: Sequence[str] | None = None, tokens: str = "cls"):
+        """Pre-head feature of each sample's own task (row b uses task ``task_ids[b]``), (B, d); with
+        ``sites``, ``site_features`` instead (through ``forward`` so that DDP sees the call)."""
+        if sites is not None:
+            return self.site_features(pixel_values, sites, tokens)
         feats = self.task_features(pixel_values)
         return feats[torch.arange(feats.shape[0], device=feats.device), task_ids]
 
