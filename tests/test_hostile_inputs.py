@@ -772,3 +772,24 @@ def test_cli_hostile_input(cli_paths, tmp_path, capsys, monkeypatch, name, argv,
     assert err and re.search(pattern, err[-1]), f"{name}: {captured.err!r} lacks {pattern!r}"
     assert "Traceback" not in captured.err and len(err) == 1
     assert not out.exists()
+
+
+def test_cli_merge_set_reaches_the_method_and_rejects_unknown_keys(cli_paths, tmp_path, capsys):
+    from wave_hf.cli import main
+
+    for name, seed in (("va", 0), ("vb", 1)):
+        tiny_vit(seed).save_pretrained(tmp_path / name)
+    ok = ["merge", "--models", str(tmp_path / "va"), str(tmp_path / "vb"), "--tasks", "a", "b", "--data", "digits",
+          "digits", "--method", "kd", "--images-per-task", "4", "--augment-copies", "0", "--steps", "1",
+          "--no-progress", "--set", "tokens=all", "--set", "inner=mlp", "--out", str(tmp_path / "merged"), "--json"]
+    assert main(ok) == 0, capsys.readouterr().err
+    options = json.loads((tmp_path / "merged" / "merge_config.json").read_text())["metadata"]["options"]
+    assert (options["tokens"], options["inner"]) == ("all", "mlp")
+    capsys.readouterr()
+
+    base = ["merge", "--models", "{bank}", "{bank}", "--tasks", "a", "b", "--method", "average", "--out", "{out}"]
+    args = [a.format(out=tmp_path / "o", **cli_paths) for a in base]
+    assert main([*args, "--set", "rank=4"]) == 2
+    assert "--set rank: not an option of --method average" in capsys.readouterr().err
+    assert main([*args, "--set", "norank"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

