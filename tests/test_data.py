@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from wave_hf.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, collate_images, load_image_dataset
+from wave_hf.data import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    Preprocessing,
+    collate_images,
+    load_image_dataset,
+)
 
 HAS_FMNIST = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
 needs_fmnist = pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
@@ -124,6 +130,32 @@ def test_channel_conversion_and_resize(digits):
     torch.testing.assert_close(rgb[:1], small)
     native = load_image_dataset("digits", image_size=8)["train"][0]["pixel_values"]
     assert native.shape == (1, 8, 8) and grey.shape == (1, 28, 28)
+
+
+def test_preprocessing_resample_and_normalisation(digits):
+    """One transform from (mean, std, resample): the default is the original [-1, 1] bilinear pipeline, bit for
+    bit; a teacher's values resize with its filter and normalise per channel; RGB values on grey are averaged."""
+    default = load_image_dataset("digits", image_size=20, preprocessing=Preprocessing())["train"][0]["pixel_values"]
+    assert torch.equal(default, load_image_dataset("digits", image_size=20)["train"][0]["pixel_values"])
+    imagenet = Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 3)  # PIL's BICUBIC, as processors save it
+    assert imagenet.resample == "bicubic"
+    rgb = load_image_dataset("digits", image_size=20, num_channels=3, preprocessing=imagenet)["train"][0]
+    raw = torch.tensor(digits["train"].with_format(None)[0]["image"], dtype=torch.float32)[None, None]
+    resized = torch.nn.functional.interpolate(raw, size=(20, 20), mode="bicubic", antialias=True)[0] / 255
+    expected = (resized - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(rgb["pixel_values"], expected)
+    grey = imagenet.for_channels(1)
+    assert grey.image_mean == pytest.approx((0.449,)) and grey.image_std == pytest.approx((0.226,))
+    nearest = load_image_dataset("digits", image_size=16, preprocessing=Preprocessing(resample="nearest"))
+    assert nearest["train"][0]["pixel_values"].shape == (1, 16, 16)
+    with pytest.raises(ValueError, match="image_std\\[0\\] must be a finite number > 0"):
+        Preprocessing((0.5,), (0.0,))
+    with pytest.raises(ValueError, match="resample='lanczos3' is not one of"):
+        Preprocessing(resample="lanczos3")
+    with pytest.raises(ValueError, match="image_mean must be a list of 1 or 3"):
+        load_image_dataset("digits", num_channels=3, preprocessing=Preprocessing((0.1, 0.2), (1.0, 1.0)))
+    with pytest.raises(TypeError, match="preprocessing must be a wave_hf.data.Preprocessing"):
+        load_image_dataset("digits", preprocessing={"image_mean": [0.5]})
 
 
 def test_image_folder_round_trip(tmp_path):

@@ -197,9 +197,11 @@ def test_bad_inputs_raise_clear_errors():
     no_labels = datasets.Dataset.from_dict({"pixel_values": torch.zeros(4, 1, 28, 28).numpy()}).with_format("torch")
     with pytest.raises(ValueError, match="labels"):
         distill(teacher, no_labels, config=config, steps=1, progress=False)
-    wide = image_dataset(8, num_labels=9, seed=1)
-    with pytest.raises(ValueError, match=r"outside the accepted range \[0, 3\]"):
-        distill(teacher, wide, config=config, steps=1, progress=False)
+    wide = image_dataset(8, num_labels=9, seed=1)  # a head over 4 labels, data with 9
+    with pytest.raises(ValueError, match="teacher predicts 4 labels, the data has num_labels=9"):
+        distill(teacher, wide, config=config, teacher_head="logits", steps=1, progress=False)
+    with pytest.warns(UserWarning, match="head is ignored"):  # auto: the head looks untrained for this data
+        distill(teacher, wide, config=config, steps=1, batch_size=8, progress=False)
     with pytest.raises(ValueError, match="init must be one of"):
         distill(teacher, data, config=config, init="random", steps=1, progress=False)
     with pytest.raises(ValueError, match="steps must be an int >= 1"):

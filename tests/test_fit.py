@@ -167,8 +167,9 @@ def test_bad_inputs_raise_clear_errors(setup):
         fit_scalers(init, 2, 40, data, num_labels=4, **KW)
     with pytest.raises(ValueError, match="lr must be a finite number > 0"):
         fit_scalers(init, 2, 32, data, num_labels=4, **{**KW, "lr": -1.0})
-    with pytest.raises(ValueError, match="teacher predicts 4 labels"):
-        fit_scalers(init, 2, 32, labelled(8, 3), teacher=init.build(3, 48, num_labels=4), **KW)
+    with pytest.raises(ValueError, match="teacher predicts 4 labels"):  # "auto" would teach by features
+        fit_scalers(init, 2, 32, labelled(8, 3), teacher=init.build(3, 48, num_labels=4), teacher_head="logits",
+                    **KW)
     with pytest.raises(TypeError, match="WaveInitializer"):
         fit_scalers(init.bank, 2, 32, data, **KW)
 

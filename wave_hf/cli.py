@@ -51,8 +51,30 @@ def _target_args(p: argparse.ArgumentParser, *, data: bool = False) -> None:
     p.add_argument("--num-heads", type=int_arg(1), default=None,
                    help="attention heads (default: width // head_dim)")
     p.add_argument("--seed", type=int_arg(0), default=0)
+    _image_size_arg(p, "the bank's (the size it was distilled at); position templates are resampled")
     if data:
         _data_arg(p)
+
+
+def _image_size_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--image-size", type=int_arg(1), default=None,
+                   help=f"input size in pixels, a multiple of the patch size (default: {default})")
+
+
+def _teacher_args(p: argparse.ArgumentParser, required: bool) -> None:
+    """The teacher, how its head is used, and the feature-loss weights (distill and fit)."""
+    p.add_argument("--teacher", required=required, default=None,
+                   help="ViT, DeiT or Dinov2 model folder or repo id" + ("" if required else " (default: none)"))
+    p.add_argument("--teacher-head", choices=["auto", "logits", "none"], default="auto",
+                   help="auto (default): distil the teacher's logits when its checkpoint has a trained classifier "
+                        "over the data's labels, else (no classifier, one missing from the checkpoint, or one over "
+                        "other labels, with a warning) distil its features only; logits: require that head; none: "
+                        "ignore any head and distil features")
+    p.add_argument("--feature-weight", type=float_arg(0, inclusive=True), default=None,
+                   help="weight of the final CLS feature loss (default: 1 without teacher logits, else 0)")
+    p.add_argument("--layer-weight", type=float_arg(0, inclusive=True), default=None,
+                   help="weight of the layer-wise loss, every block's output (distill default: 1 without "
+                        "teacher logits, else 0; fit default: 0)")
 
 
 def _data_arg(p: argparse.ArgumentParser) -> None:
@@ -101,16 +123,18 @@ def cmd_info(args) -> dict:
 def cmd_build(args) -> dict:
     prepare_out(args, args.templates)
     init = _load(args)
-    model = init.build(args.depth, args.width, num_heads=args.num_heads, num_labels=args.num_labels, seed=args.seed)
+    model = init.build(args.depth, args.width, num_heads=args.num_heads, num_labels=args.num_labels, seed=args.seed,
+                       image_size=args.image_size)
     saved = _save_model(model, args)
     return {"out": args.out, "depth": args.depth, "width": args.width, "num_heads": model.config.num_attention_heads, **saved}
 
 
 def _dataset(args, init) -> Any:
-    from .data import load_image_dataset
+    from .data import Preprocessing, load_image_dataset
 
     c = init.config
-    return load_image_dataset(args.data, image_size=c.image_size, num_channels=c.num_channels, seed=args.seed)
+    return load_image_dataset(args.data, image_size=args.image_size or c.image_size, num_channels=c.num_channels,
+                              seed=args.seed, preprocessing=Preprocessing.from_config(c))
 
 
 def cmd_fit(args) -> dict:
@@ -121,7 +145,9 @@ def cmd_fit(args) -> dict:
     data = _dataset(args, init)
     scalers = init.fit_scalers(args.depth, args.width, data["train"], num_heads=args.num_heads,
                                max_images=args.max_images, steps=args.steps, seed=args.seed,
-                               lowrank_rank=args.lowrank_rank, output_dir=args.checkpoint_dir)
+                               lowrank_rank=args.lowrank_rank, output_dir=args.checkpoint_dir,
+                               image_size=args.image_size, teacher=args.teacher, teacher_head=args.teacher_head,
+                               feature_weight=args.feature_weight, layer_weight=args.layer_weight or 0.0)
     init.save_pretrained(args.out)
     mark_output(args.out, args.command)
     return {"out": args.out, "scalers": f"{scalers.depth}x{scalers.width}",
@@ -139,9 +165,9 @@ def cmd_train(args) -> dict:
     scalers = None
     if args.fit_steps > 0:
         scalers = init.fit_scalers(args.depth, args.width, data["train"], num_heads=args.num_heads,
-                                   steps=args.fit_steps, seed=args.seed)
+                                   steps=args.fit_steps, seed=args.seed, image_size=args.image_size)
     model = init.build(args.depth, args.width, num_heads=args.num_heads, id2label=id2label, scalers=scalers,
-                       seed=args.seed)
+                       seed=args.seed, image_size=args.image_size)
     train = data["train"]
     if args.train_limit:
         train = train.shuffle(seed=args.seed).select(range(min(args.train_limit, len(train))))
@@ -152,17 +178,20 @@ def cmd_train(args) -> dict:
 
 
 def cmd_distill(args) -> dict:
-    from transformers import AutoConfig
-
     from .data import load_image_dataset
-    from .distill import distill
+    from .distill import config_from_teacher, distill
     from .io import mark_output
+    from .teachers import load_teacher
 
     prepare_out(args, args.teacher, args.data, args.checkpoint_dir)
-    teacher_cfg = AutoConfig.from_pretrained(args.teacher)
-    data = load_image_dataset(args.data, image_size=teacher_cfg.image_size, num_channels=teacher_cfg.num_channels,
-                              seed=args.seed)
-    bank = distill(args.teacher, data["train"], steps=args.steps, seed=args.seed, init=args.init,
+    teacher = load_teacher(args.teacher, image_size=args.image_size, head=args.teacher_head)
+    c = teacher.config
+    data = load_image_dataset(args.data, image_size=c.image_size, num_channels=c.num_channels, seed=args.seed,
+                              preprocessing=teacher.preprocessing)
+    config = config_from_teacher(teacher, template_width=args.template_width, num_templates=args.num_templates)
+    bank = distill(teacher, data["train"], config=config, steps=args.steps, seed=args.seed, init=args.init,
+                   teacher_head=args.teacher_head, alpha=args.alpha, lr=args.lr, batch_size=args.batch_size,
+                   feature_weight=args.feature_weight, layer_weight=args.layer_weight,
                    eval_dataset=data["test"], dataset_name=args.data, output_dir=args.checkpoint_dir)
     bank.save_pretrained(args.out)
     mark_output(args.out, args.command)
@@ -221,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int_arg(1), default=300)
     p.add_argument("--lowrank-rank", type=int_arg(0), default=0,
                    help="also fit a per-size low-rank correction of this rank (0: off; folded exactly)")
+    _teacher_args(p, required=False)
     p.add_argument("--checkpoint-dir", default=None,
                    help="resumable checkpoints (safetensors + JSON, no pickle): rerun the same command to resume")
     output_args(p, what="bank folder to write (bank + scalers/)")
@@ -238,9 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("distill", help="distill a template bank from a teacher ViT (stage 1)",
             epilog="example: wave-hf distill --teacher path/to/vit --data fashion_mnist --out my-bank")
-    p.add_argument("--teacher", required=True, help="ViTForImageClassification folder or repo id")
+    _teacher_args(p, required=True)
+    _image_size_arg(p, "the teacher's; its position embeddings are resampled once")
     _data_arg(p)
     p.add_argument("--steps", type=int_arg(1), default=2000)
+    p.add_argument("--batch-size", type=int_arg(1), default=64)
+    p.add_argument("--lr", type=float_arg(0), default=None, help="AdamW peak learning rate (default 5e-4)")
+    p.add_argument("--template-width", type=int_arg(1), default=64,
+                   help="template width D_T, a divisor of the teacher's width and of every width you will build")
+    p.add_argument("--num-templates", type=int_arg(1), default=6, help="matrix templates per type (capacity)")
+    p.add_argument("--alpha", type=float_arg(0, inclusive=True), default=None,
+                   help="weight of the teacher's signal vs the labels' cross-entropy, in [0, 1] (default 0.5 "
+                        "with teacher logits, 1 without)")
     p.add_argument("--init", choices=["teacher", "scratch"], default="teacher")
     p.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints (safetensors + JSON, no pickle)")
     p.add_argument("--seed", type=int_arg(0), default=0)

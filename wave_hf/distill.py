@@ -2,7 +2,9 @@
 
 The auxiliary model has the teacher's depth and width, but every encoder tensor is rebuilt at each step
 from the shared templates and the auxiliary scalers (docs/wave.md section 1(a)), so the gradients train
-both. Two starts:
+both. The teacher is any ``wave_hf.teachers.load_teacher`` input (ViT, DeiT, Dinov2; a folder, a repo id or
+a model), at its own image size or at ``image_size`` (position embeddings resampled once, as the family
+does). Two starts:
 
 * ``init="teacher"`` (default; issue 8, lever 1): every teacher matrix type, stacked over layers, is
   replaced by its nearest Kronecker sum (Van Loan rank-N SVD, ``nearest_kronecker``; q/k/v are fused as rows
@@ -11,10 +13,20 @@ both. Two starts:
   only has to recover what the rank-N constraint loses.
 * ``init="scratch"``: ``TemplateBank(config)``, random (docs/wave.md section 8.1 rules).
 
-Loss (docs/wave.md section 5 item 8): ``alpha * KL(softmax(z_t/T) || softmax(z_aux/T)) * T^2`` (batch mean)
-``+ (1 - alpha) * CE(z_aux, y)``; a teacher without a classification head gives ``alpha * MSE`` on the final
-CLS feature instead of the KL term. Weight decay applies to the matrix templates only: the product
-``T kron S`` is bilinear, so decaying the templates fixes the scale split without shrinking the scalers.
+Loss: ``alpha * KD + (1 - alpha) * CE(z_aux, y)``, where the teacher's signal ``KD`` is a weighted sum of
+
+* ``KL(softmax(z_t/T) || softmax(z_aux/T)) * T^2`` (batch mean) when the teacher has logits for the data
+  (docs/wave.md section 5 item 8);
+* ``feature_weight`` x the standardised MSE of the final CLS feature;
+* ``layer_weight`` x the layer-wise loss: every block's output, all tokens, each block's targets
+  standardised per channel by the batch's statistics (``layerwise_loss``). A real teacher needs it:
+  final-feature supervision alone let the inner blocks drift and kept CLS R^2 near 0 (docs/wave.md section 9).
+
+Defaults keep the original behaviour for a teacher with logits (``alpha=0.5``, KL only); a teacher without
+(``teacher_head="none"``, a headless model, or a head over other labels under ``"auto"``) distils from its
+features only: ``alpha=1``, ``feature_weight=1``, ``layer_weight=1``. Weight decay applies to the matrix
+templates only: the product ``T kron S`` is bilinear, so decaying the templates fixes the scale split
+without shrinking the scalers.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, ViTConfig, ViTForImageClassification, ViTModel
+from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import logging
 
 from . import vit_layout
@@ -36,6 +48,7 @@ from .fold import parametrize_vit
 from .kronecker import kron_matrix, nearest_kronecker, nearest_kronecker_vector
 from .loop import Cosine, LoopSettings, run_loop
 from .scalers import MATRIX_TYPES, vector_kinds
+from .teachers import Teacher, check_head, load_teacher
 from .templates import TemplateBank
 from .training import (
     check_dataset,
@@ -44,60 +57,37 @@ from .training import (
     dataset_batches,
     dataset_labels,
     dataset_num_labels,
-    forward_output,
     predict,
 )
 
 logger = logging.get_logger(__name__)
 
-Teacher = ViTForImageClassification | ViTModel
 INITS = ("teacher", "scratch")
 METRICS_FILE = "distill_metrics.json"
+#: Images of ``eval_dataset`` on which the auxiliary model's features are compared with the teacher's (R^2).
+R2_IMAGES = 512
 
 
 # -------------------------------------------------------------------------------------------- teacher
-def load_teacher(teacher: str | os.PathLike | nn.Module) -> Teacher:
-    """A ``ViTForImageClassification`` or ``ViTModel`` in eval mode, from a module, a folder or a repo id."""
-    if isinstance(teacher, (ViTForImageClassification, ViTModel)):
-        return teacher.eval()
-    if isinstance(teacher, nn.Module):
-        raise TypeError(f"teacher must be a ViTForImageClassification or a ViTModel, got {type(teacher).__name__}")
-    if not isinstance(teacher, (str, os.PathLike)):
-        raise TypeError(f"teacher must be a path, a repo id or a ViT module, got {type(teacher).__name__}")
-    name = os.fspath(teacher)
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except OSError as err:
-        raise FileNotFoundError(f"teacher {name!r} is not a local model folder or a reachable Hub repo: {err}") from err
-    if not isinstance(config, ViTConfig):
-        raise ValueError(f"teacher {name!r} is a {type(config).__name__} model; wave-hf distils ViTs (ViTConfig) only")
-    archs = config.architectures or []
-    cls = ViTModel if archs and not any("Classification" in a for a in archs) else ViTForImageClassification
-    model = cls.from_pretrained(name)
-    model.config._name_or_path = name
-    return model.eval()
+def teacher_has_head(teacher: Any) -> bool:
+    """Whether the teacher (anything ``load_teacher`` takes) gives logits."""
+    return load_teacher(teacher).has_head
 
 
-def teacher_has_head(teacher: Teacher) -> bool:
-    return isinstance(teacher, ViTForImageClassification)
-
-
-def _teacher_shape(teacher: Teacher) -> vit_layout.ViTShape:
-    return vit_layout.shape_of(teacher.config)
-
-
-def config_from_teacher(teacher: Teacher, **overrides: Any) -> WaveTemplateConfig:
-    """A bank config whose geometry is the teacher's: auxiliary depth and width, image, patch, channels,
-    LayerNorm eps, qkv bias, activation, head dim and MLP ratio. ``overrides`` set the other fields
-    (defaults: ``template_width=64``, ``num_templates=6``, ``num_vector_templates=3``)."""
-    teacher = load_teacher(teacher)
-    s, c = _teacher_shape(teacher), teacher.config
+def config_from_teacher(teacher: Any, *, image_size: int | None = None, **overrides: Any) -> WaveTemplateConfig:
+    """A bank config whose geometry is the teacher's: auxiliary depth and width, image (``image_size``, default
+    the teacher's), patch, channels, LayerNorm eps, qkv bias, activation, head dim, MLP ratio and
+    preprocessing. ``overrides`` set the other fields (defaults: ``template_width=64``, ``num_templates=6``,
+    ``num_vector_templates=3``)."""
+    teacher = load_teacher(teacher, image_size=image_size)
+    s, c = teacher.shape, teacher.config
     values: dict[str, Any] = dict(
         template_width=64, num_templates=6, num_vector_templates=3,
         head_dim=s.head_dim, mlp_ratio=s.mlp_ratio, image_size=s.image_size, patch_size=s.patch_size,
         num_channels=s.num_channels, layer_norm_eps=float(c.layer_norm_eps), qkv_bias=bool(c.qkv_bias),
         hidden_act=c.hidden_act, aux_depth=s.depth, aux_width=s.width,
-        teacher_name_or_path=c._name_or_path or None,
+        teacher_name_or_path=teacher.name_or_path, teacher_image_size=teacher.native_image_size,
+        **teacher.preprocessing.for_channels(s.num_channels).config_fields(),
     )
     values.update(overrides)
     if s.width % values["template_width"]:
@@ -108,11 +98,15 @@ def config_from_teacher(teacher: Teacher, **overrides: Any) -> WaveTemplateConfi
     return config
 
 
-def check_teacher(config: WaveTemplateConfig, teacher: Teacher, init: str = "teacher") -> None:
+def check_teacher(config: WaveTemplateConfig, teacher: Any, init: str = "teacher") -> None:
     """Raise, naming the field, when the teacher's geometry cannot be distilled into ``config``."""
-    s, c = _teacher_shape(teacher), teacher.config
+    teacher = load_teacher(teacher)
+    s, c = teacher.shape, teacher.config
+    if config.image_size != s.image_size:
+        raise ValueError(f"teacher/config mismatch: config.image_size={config.image_size!r} but the teacher works "
+                         f"at {s.image_size!r}; pass image_size={config.image_size} to distill (or load_teacher) to "
+                         "resample the teacher's position embeddings")
     expected: dict[str, tuple[Any, Any]] = {
-        "image_size": (config.image_size, s.image_size),
         "patch_size": (config.patch_size, s.patch_size),
         "num_channels": (config.num_channels, s.num_channels),
     }
@@ -132,13 +126,8 @@ def check_teacher(config: WaveTemplateConfig, teacher: Teacher, init: str = "tea
 
 
 # ------------------------------------------------------------------------------------ teacher init
-def _teacher_state(teacher: Teacher) -> dict[str, Tensor]:
-    enc = vit_layout.encoder(teacher)
-    return {vit_layout.ENCODER_PREFIX + k: v.detach().float() for k, v in enc.state_dict().items()}
-
-
 @torch.no_grad()
-def init_from_teacher(config: WaveTemplateConfig, teacher: Teacher, *, match_norms: bool = True) -> TemplateBank:
+def init_from_teacher(config: WaveTemplateConfig, teacher: Any, *, match_norms: bool = True) -> TemplateBank:
     """A bank whose auxiliary model is the nearest Kronecker-sum approximation of the teacher.
 
     Matrices: one rank-``num_templates`` Van Loan decomposition per type over the layer stack (templates
@@ -148,10 +137,13 @@ def init_from_teacher(config: WaveTemplateConfig, teacher: Teacher, *, match_nor
     ``match_norms`` rescales each layer's scalers so that every approximated matrix keeps the teacher's
     Frobenius norm: truncation drops energy (for a teacher trained from a random init, mostly the
     incompressible init noise), which shrinks attention logits and MLP pre-activations layer after layer.
+
+    The teacher's stock ViT state is decomposed (``Teacher.encoder_state``: Dinov2's layer scale folded in;
+    a DeiT distillation token dropped, so that one family's start is only near its teacher).
     """
     teacher = load_teacher(teacher)
     check_teacher(config, teacher, "teacher")
-    state = _teacher_state(teacher)
+    state = teacher.encoder_state()
     depth, r, j = config.aux_depth, config.aux_ratio, config.num_vector_templates
     bank = TemplateBank(config)
 
@@ -195,13 +187,14 @@ def aux_vit_config(config: WaveTemplateConfig, num_labels: int, id2label: dict[i
                                       hidden_act=c.hidden_act, num_labels=num_labels, id2label=id2label)
 
 
-def aux_model(bank: TemplateBank, num_labels: int, *, teacher: Teacher | None = None,
+def aux_model(bank: TemplateBank, num_labels: int, *, teacher: Any = None,
               id2label: dict[int, str] | None = None, train_templates: bool = False,
               seed: int = 0) -> ViTForImageClassification:
     """The auxiliary model: a ViT whose encoder reads ``bank``'s templates and auxiliary scalers.
 
-    The classifier is the teacher's (copied) when it has one, else new (seeded). The model holds its
-    own copy of the templates; its scalers are a copy of ``bank.aux`` too, so ``bank`` is never modified.
+    The classifier is the teacher's (copied) when it is a linear map of the CLS feature, else new (seeded;
+    e.g. Dinov2's head reads CLS and the mean patch). The model holds its own copy of the templates; its
+    scalers are a copy of ``bank.aux`` too, so ``bank`` is never modified.
     """
     from .scalers import Scalers
 
@@ -210,8 +203,8 @@ def aux_model(bank: TemplateBank, num_labels: int, *, teacher: Teacher | None = 
     scalers.load_state_dict(bank.aux.state_dict())
     model = parametrize_vit(config, bank.templates, scalers, aux_vit_config(config, num_labels, id2label),
                             seed=seed, train_templates=train_templates)
-    if teacher is not None and teacher_has_head(teacher):
-        head = teacher.classifier
+    head = load_teacher(teacher).cls_classifier if teacher is not None else None
+    if head is not None:
         if head.out_features != num_labels:
             raise ValueError(f"the teacher's classifier has {head.out_features} labels, num_labels={num_labels}")
         with torch.no_grad():
@@ -220,22 +213,81 @@ def aux_model(bank: TemplateBank, num_labels: int, *, teacher: Teacher | None = 
     return model
 
 
+def kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``KL(softmax(z_t/T) || softmax(z_s/T)) * T^2``, batch mean."""
+    t = temperature
+    return nn.functional.kl_div(nn.functional.log_softmax(student_logits / t, dim=-1),
+                                nn.functional.log_softmax(teacher_logits / t, dim=-1),
+                                reduction="batchmean", log_target=True) * (t * t)
+
+
 def distillation_loss(student: Tensor, teacher: Tensor, labels: Tensor | None, *, student_logits: Tensor | None = None,
                       temperature: float = 1.0, alpha: float = 0.5, feature: bool = False) -> Tensor:
     """``alpha * KD + (1 - alpha) * CE``; KD is ``KL(p_t || p_s) * T^2`` (batch mean) on logits, or MSE on
-    CLS features when ``feature`` (headless teacher; ``student_logits`` then feeds the CE term)."""
+    CLS features when ``feature`` (``student_logits`` then feeds the CE term)."""
     logits = student if student_logits is None else student_logits
-    if feature:
-        kd = nn.functional.mse_loss(student, teacher)
-    else:
-        t = temperature
-        kd = nn.functional.kl_div(nn.functional.log_softmax(student / t, dim=-1),
-                                  nn.functional.log_softmax(teacher / t, dim=-1),
-                                  reduction="batchmean", log_target=True) * (t * t)
+    kd = nn.functional.mse_loss(student, teacher) if feature else kl_loss(student, teacher, temperature)
     if alpha >= 1.0 or labels is None:
         return kd
     ce = nn.functional.cross_entropy(logits, labels)
     return alpha * kd + (1.0 - alpha) * ce
+
+
+def standardized_mse(student: Tensor, target: Tensor) -> Tensor:
+    """MSE with each channel of ``target`` divided by its standard deviation over the batch (and tokens).
+
+    Why: a real teacher's residual stream has channels orders of magnitude apart (DINOv2's "massive
+    activations"); plain MSE would fit only those. Per channel, the loss is ``(1 - R^2_c)`` for a student that
+    matches the mean, so 1 means "predicts the mean" and 0 "exact". Variances are floored at 1e-3 of their
+    mean, so a (near-)constant channel cannot dominate.
+    """
+    flat = target.detach().reshape(-1, target.shape[-1]).float()
+    var = flat.var(dim=0, unbiased=False)
+    var = var.clamp_min(1e-3 * var.mean().clamp_min(1e-12))
+    return ((student - target).pow(2) / var).mean()
+
+
+def layerwise_loss(student_blocks: tuple[Tensor, ...] | list[Tensor], teacher_blocks: tuple[Tensor, ...] | list[Tensor],
+                   pairs: list[tuple[int, int]] | None = None, project: nn.Module | None = None) -> Tensor:
+    """Mean ``standardized_mse`` over blocks (all tokens): student block ``i`` against teacher block ``j`` for
+    ``(i, j)`` in ``pairs`` (default: block ``l`` against block ``l``); ``project`` maps student features to the
+    teacher's width when they differ (stage 2)."""
+    pairs = pairs if pairs is not None else [(i, i) for i in range(len(teacher_blocks))]
+    losses = []
+    for i, j in pairs:
+        s = student_blocks[i] if project is None else project(student_blocks[i])
+        losses.append(standardized_mse(s, teacher_blocks[j]))
+    return torch.stack(losses).mean()
+
+
+def r2_score(prediction: Tensor, target: Tensor) -> float:
+    """Variance-weighted ``R^2`` of ``prediction`` against ``target`` ``(N, D)``: ``1 - SSE / SST``."""
+    sse = (prediction.double() - target.double()).pow(2).sum()
+    sst = (target.double() - target.double().mean(dim=0)).pow(2).sum()
+    return float(1.0 - sse / sst.clamp_min(1e-30))
+
+
+@torch.no_grad()
+def feature_r2(model: nn.Module, teacher: Any, dataset: Any, *, max_images: int = R2_IMAGES,
+               batch_size: int = 64) -> dict[str, float]:
+    """R^2 of a ViT's final CLS feature and mean patch feature (after the final LayerNorm) against the
+    teacher's, on the first ``max_images`` images of ``dataset``: how much of the teacher a model keeps."""
+    from .data import collate_images
+
+    teacher = load_teacher(teacher)
+    model.eval()
+    device = next(model.parameters()).device
+    teacher.to(device)
+    encoder = vit_layout.encoder(model)
+    ours, theirs = [], []
+    n = min(max_images, len(dataset))
+    for start in range(0, n, batch_size):
+        x = collate_images([dataset[i] for i in range(start, min(n, start + batch_size))])["pixel_values"].to(device)
+        s, t = encoder(x).last_hidden_state, teacher(x).last_hidden_state
+        ours.append(torch.stack([s[:, 0], s[:, 1:].mean(1)]).cpu())
+        theirs.append(torch.stack([t[:, 0], t[:, 1:].mean(1)]).cpu())
+    s, t = torch.cat(ours, dim=1), torch.cat(theirs, dim=1)
+    return {"cls_r2": round(r2_score(s[0], t[0]), 5), "patch_mean_r2": round(r2_score(s[1], t[1]), 5)}
 
 
 @torch.no_grad()
@@ -246,19 +298,24 @@ def accuracy(model: nn.Module, dataset: Any, batch_size: int = 256) -> float:
 
 
 # ------------------------------------------------------------------------------------------- distill
-def _num_labels(teacher: Teacher, train_dataset: Any) -> tuple[int, dict[int, str] | None]:
-    if teacher_has_head(teacher):
-        c = teacher.config
-        id2label = {int(k): str(v) for k, v in c.id2label.items()} if c.id2label else None
-        return teacher.classifier.out_features, id2label
-    n, id2label = dataset_num_labels(train_dataset)
-    if n is None:
-        n = max(dataset_labels(train_dataset)) + 1
-    return n, id2label
+def task_labels(teacher: Teacher, dataset: Any) -> tuple[int | None, dict[int, str] | None]:
+    """``(num_labels, id2label)`` of the data, for ``Teacher.for_task``: the ``ClassLabel`` feature when there
+    is one; else ``None`` when every label fits the teacher's head (a subset may miss the last classes),
+    else ``max(label) + 1``."""
+    n, id2label = dataset_num_labels(dataset)
+    if n is not None:
+        return n, id2label
+    top = max(dataset_labels(dataset))
+    return (None if teacher.has_head and top < teacher.num_labels else top + 1), None
+
+
+def check_weight(name: str, value: float | None, default: float) -> float:
+    """A loss weight: ``None`` takes ``default``; else a finite number >= 0."""
+    return default if value is None else check_positive(name, value, allow_zero=True)
 
 
 def distill(
-    teacher: str | os.PathLike | Teacher,
+    teacher: Any,
     train_dataset: Any,
     *,
     config: WaveTemplateConfig | None = None,
@@ -269,7 +326,11 @@ def distill(
     weight_decay: float = 0.05,
     warmup_ratio: float = 0.05,
     temperature: float = 1.0,
-    alpha: float = 0.5,
+    alpha: float | None = None,
+    feature_weight: float | None = None,
+    layer_weight: float | None = None,
+    teacher_head: str = "auto",
+    image_size: int | None = None,
     eval_dataset: Any | None = None,
     dataset_name: str | None = None,
     output_dir: str | os.PathLike | None = None,
@@ -281,8 +342,9 @@ def distill(
     """Distil ``teacher`` into a ``TemplateBank`` (stage 1) and return it.
 
     Args:
-        teacher: a ``ViTForImageClassification`` / ``ViTModel``, a local folder or a Hub repo id.
-        train_dataset: map-style dataset of ``{"pixel_values": (C,H,W), "labels": int}`` items.
+        teacher: a ViT/DeiT/Dinov2 model, a ``Teacher``, a local folder or a Hub repo id (``load_teacher``).
+        train_dataset: map-style dataset of ``{"pixel_values": (C,H,W), "labels": int}`` items, preprocessed
+            as the teacher expects (``load_image_dataset(..., preprocessing=teacher.preprocessing)``).
         config: the bank's config; default ``config_from_teacher(teacher)`` (template width 64, 6 matrix
             and 3 vector templates per type). Its geometry must match the teacher's (checked, per field).
         init: ``"teacher"`` (nearest-Kronecker decomposition of the teacher) or ``"scratch"`` (random).
@@ -292,10 +354,17 @@ def distill(
             the start needs a full-size rate to recover, not a gentle one.
         weight_decay: on the matrix templates only (none on scalers, vector templates or the head).
         warmup_ratio: linear warm-up share of ``steps``, then cosine decay to 0.
-        temperature, alpha: KD temperature and weight; the loss is ``alpha*KD + (1-alpha)*CE``
-            (``alpha=1``: pure KD as in the sibling code).
-        eval_dataset: if given, teacher and auxiliary accuracy (at step 0 and at the end) go to
-            ``config.metrics``.
+        temperature: KD temperature.
+        alpha: weight of the teacher's signal; the loss is ``alpha*KD + (1-alpha)*CE``. Default 0.5 with
+            logits, 1.0 (no labels) without: a teacher that has no head for these labels teaches by features.
+        feature_weight, layer_weight: weights of the standardised final-CLS-feature MSE and of the layer-wise
+            loss inside ``KD`` (module docstring). Default 0 with logits (the original loss), 1 without.
+        teacher_head: ``"auto"`` (the head when it is trained and predicts the data's labels, else features
+            with a warning), ``"logits"`` (require it) or ``"none"`` (ignore it).
+        image_size: distil at this input size (a multiple of the patch size; default the teacher's): the
+            teacher's position embeddings are resampled once, and the bank records the size.
+        eval_dataset: if given, teacher and auxiliary accuracy (with logits) and the auxiliary model's
+            feature R^2 against the teacher (CLS and mean patch, at step 0 and at the end) go to ``config.metrics``.
         dataset_name: provenance for the card (``config.teacher_dataset``).
         output_dir: checkpoints (``output_dir/checkpoints/step_*``, safetensors + JSON, written atomically);
             a rerun resumes from the newest complete one and ends bit-identical to an uninterrupted run. A
@@ -310,9 +379,10 @@ def distill(
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    teacher_head = check_head(teacher_head)
     temperature = check_positive("temperature", temperature)
     weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
-    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+    if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if not (isinstance(warmup_ratio, (int, float)) and 0.0 <= warmup_ratio < 1.0):
         raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
@@ -323,14 +393,31 @@ def distill(
     check_dataset(train_dataset)
     if eval_dataset is not None:
         check_dataset(eval_dataset, "eval_dataset")
-    teacher = load_teacher(teacher)
+    teacher = load_teacher(teacher, image_size=image_size, head=teacher_head)
     if config is None:
         config = config_from_teacher(teacher)
     elif not isinstance(config, WaveTemplateConfig):
         raise TypeError(f"config must be a WaveTemplateConfig, got {type(config).__name__}")
     check_teacher(config, teacher, init)
-    num_labels, id2label = _num_labels(teacher, train_dataset)
+    teacher = teacher.for_task(*task_labels(teacher, train_dataset), head=teacher_head)
+    headed = teacher.has_head
+    alpha = (0.5 if headed else 1.0) if alpha is None else float(alpha)
+    feature_weight = check_weight("feature_weight", feature_weight, 0.0 if headed else 1.0)
+    layer_weight = check_weight("layer_weight", layer_weight, 0.0 if headed else 1.0)
+    if not headed and alpha > 0 and feature_weight == 0 and layer_weight == 0:
+        raise ValueError("this teacher has no logits for the data (teacher_head, or a head over other labels), so "
+                         "it teaches only through feature_weight and layer_weight; both are 0")
+    if layer_weight and (config.aux_depth, config.aux_width) != (teacher.shape.depth, teacher.shape.width):
+        raise ValueError(f"layer_weight={layer_weight} matches block outputs, so the auxiliary model must have the "
+                         f"teacher's depth and width ({teacher.shape.depth}x{teacher.shape.width}), got "
+                         f"aux_depth={config.aux_depth}, aux_width={config.aux_width}")
     labels = dataset_labels(train_dataset)
+    if headed:
+        num_labels = teacher.num_labels
+        id2label = {int(k): str(v) for k, v in teacher.config.id2label.items()} if teacher.config.id2label else None
+    else:
+        num_labels, id2label = dataset_num_labels(train_dataset)
+        num_labels = num_labels if num_labels is not None else max(labels) + 1
     check_labels(labels, num_labels)
 
     if init == "teacher":
@@ -338,9 +425,7 @@ def distill(
     else:
         bank = TemplateBank(config)
         bank.reset_random(torch.Generator().manual_seed(seed))
-    headed = teacher_has_head(teacher)
     model = aux_model(bank, num_labels, teacher=teacher, id2label=id2label, train_templates=True, seed=seed)
-    teacher.requires_grad_(False)
 
     metrics = _start_metrics(output_dir, model, teacher, eval_dataset, headed)
 
@@ -352,11 +437,19 @@ def distill(
     def loss_fn(student: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x, y = batch["pixel_values"], batch["labels"]
         with torch.no_grad():
-            target = forward_output(teacher.to(x.device), x)
-        feature, logits = student(x)
+            target = teacher.to(x.device)(x, hidden_states=layer_weight > 0)
+        feature, logits, blocks = student(x)
+        terms = []
         if headed:
-            return distillation_loss(logits, target, y, temperature=temperature, alpha=alpha)
-        return distillation_loss(feature, target, y, student_logits=logits, alpha=alpha, feature=True)
+            terms.append(kl_loss(logits, target.logits, temperature))
+        if feature_weight:
+            terms.append(feature_weight * standardized_mse(feature, target.feature))
+        if layer_weight:
+            terms.append(layer_weight * layerwise_loss(blocks, target.hidden_states))
+        kd = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+        if alpha >= 1.0:
+            return kd
+        return alpha * kd + (1.0 - alpha) * nn.functional.cross_entropy(logits, y)
 
     run_id = None
     if output_dir is not None:  # hashing the teacher and the data costs a little: only when checkpointing
@@ -365,11 +458,14 @@ def distill(
             "templates": f"{config.num_templates}x{config.template_width}",
             "vector_templates": config.num_vector_templates, "num_labels": num_labels,
             "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "temperature": temperature, "alpha": alpha,
-            "teacher": tensors_fingerprint(teacher.state_dict()),
+            "teacher": teacher_fingerprint(teacher),
             "data": dataset_fingerprint(train_dataset, labels),
         }
-    wrapper, log = run_loop(_FeatureAndLogits(model), groups, dataset_batches(train_dataset, settings), loss_fn,
-                            settings, fingerprint=run_id)
+        if feature_weight or layer_weight or not headed:  # absent from runs made before they existed
+            run_id.update(feature_weight=feature_weight, layer_weight=layer_weight, teacher_head=teacher_head,
+                          image_size=config.image_size)
+    wrapper, log = run_loop(_StudentOutputs(model, blocks=layer_weight > 0), groups,
+                            dataset_batches(train_dataset, settings), loss_fn, settings, fingerprint=run_id)
     model = wrapper.model
 
     with torch.no_grad():
@@ -385,35 +481,53 @@ def distill(
         "distill_loss_start": round(sum(log.losses[:head]) / max(head, 1), 5),
         "distill_loss_end": round(sum(log.losses[-head:]) / max(head, 1), 5),
     })
+    if feature_weight or layer_weight:
+        metrics.update({"distill_feature_weight": feature_weight, "distill_layer_weight": layer_weight})
     if eval_dataset is not None and headed:
         metrics["aux_accuracy"] = round(accuracy(model, eval_dataset), 5)
         if metrics.get("teacher_accuracy"):
             metrics["aux_over_teacher"] = round(metrics["aux_accuracy"] / metrics["teacher_accuracy"], 5)
         logger.info(f"auxiliary model after {log.steps_done} steps: {metrics['aux_accuracy']:.4f} "
                     f"(teacher {metrics['teacher_accuracy']:.4f})")
-    bank.config.teacher_name_or_path = teacher.config._name_or_path or config.teacher_name_or_path
+    if eval_dataset is not None and not headed:
+        metrics.update({f"aux_{k}": v for k, v in feature_r2(model, teacher, eval_dataset).items()})
+    c = bank.config
+    c.teacher_name_or_path = teacher.name_or_path or config.teacher_name_or_path
+    c.teacher_image_size = c.teacher_image_size or teacher.native_image_size
+    if c.image_mean is None:  # a config made by hand: record the teacher's preprocessing
+        fields = teacher.preprocessing.for_channels(c.num_channels).config_fields()
+        c.image_mean, c.image_std, c.resample = fields["image_mean"], fields["image_std"], fields["resample"]
     if dataset_name is not None:
-        bank.config.teacher_dataset = dataset_name
-    bank.config.metrics = {**(config.metrics or {}), **metrics}
+        c.teacher_dataset = dataset_name
+    c.metrics = {**(config.metrics or {}), **metrics}
     return bank
 
 
-class _FeatureAndLogits(nn.Module):
-    """``x -> (final CLS feature, logits)`` in one forward, so DDP sees a single call per step."""
+def teacher_fingerprint(teacher: Teacher) -> str:
+    """A hash of the teacher's stock encoder and its head: for a ``ViTForImageClassification`` the same as
+    hashing its ``state_dict``, so checkpoints written before teacher adapters existed still resume."""
+    head = {} if teacher.classifier is None else {f"classifier.{k}": v for k, v in teacher.classifier.state_dict().items()}
+    return tensors_fingerprint({**teacher.encoder_state(), **head})
 
-    def __init__(self, model: ViTForImageClassification):
+
+class _StudentOutputs(nn.Module):
+    """``x -> (final CLS feature, logits, block outputs)`` in one forward, so DDP sees a single call per step;
+    block outputs (before the final LayerNorm) only when ``blocks``."""
+
+    def __init__(self, model: ViTForImageClassification, blocks: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.blocks = model, blocks
 
-    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
-        feature = vit_layout.encoder(self.model)(pixel_values).last_hidden_state[:, 0]
-        return feature, self.model.classifier(feature)
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        out = vit_layout.encoder(self.model)(pixel_values, output_hidden_states=self.blocks)
+        feature = out.last_hidden_state[:, 0]
+        return feature, self.model.classifier(feature), tuple(out.hidden_states[1:]) if self.blocks else ()
 
 
 def _start_metrics(output_dir: str | os.PathLike | None, model: nn.Module, teacher: Teacher,
                    eval_dataset: Any | None, headed: bool) -> dict[str, Any]:
-    """Teacher and step-0 auxiliary accuracy, measured once and kept beside the checkpoints (a resumed
-    run must not measure a half-trained model as "step 0")."""
+    """Teacher and step-0 auxiliary accuracy (with logits) or feature R^2 (without), measured once and kept
+    beside the checkpoints (a resumed run must not measure a half-trained model as "step 0")."""
     path = Path(output_dir) / METRICS_FILE if output_dir is not None else None
     if path is not None and path.is_file():
         return json.loads(path.read_text())
@@ -424,6 +538,9 @@ def _start_metrics(output_dir: str | os.PathLike | None, model: nn.Module, teach
         metrics["eval_images"] = len(eval_dataset)
         logger.info(f"teacher {metrics['teacher_accuracy']:.4f}, auxiliary model at step 0 "
                     f"{metrics['aux_accuracy_step0']:.4f}")
+    elif eval_dataset is not None:
+        metrics.update({f"aux_{k}_step0": v for k, v in feature_r2(model, teacher, eval_dataset).items()})
+        metrics["eval_images"] = min(len(eval_dataset), R2_IMAGES)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(metrics, indent=2))

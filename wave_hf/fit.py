@@ -4,8 +4,14 @@ The model is ``initializer.parametrize(...)``: a stock ViT whose encoder is ``te
 ``model.wave_source.scalers`` (the matrix scalers, the vector scalers, with ``train_vectors`` the per-size
 vector templates of ``Scalers.vectors``, and with ``lowrank_rank`` the per-layer low-rank correction factors)
 and the new classifier head train; the bank's matrix templates are frozen (docs/wave.md section 7, rule 1)
-and come out bit-identical. Loss: CE on the labels, plus ``kd_weight * KL(p_teacher || p_model) * T^2`` when
-a teacher is given (docs/wave.md section 5 item 7).
+and come out bit-identical. Loss: CE on the labels, plus ``kd_weight`` times the teacher's signal when a
+teacher is given: ``KL(p_teacher || p_model) * T^2`` when it has logits for these labels (docs/wave.md section 5
+item 7), plus ``feature_weight`` x the standardised MSE of the final CLS feature and ``layer_weight`` x the
+layer-wise loss of stage 1 (``wave_hf.distill``). A target narrower or shallower than the teacher is compared
+through a linear map to the teacher's width, trained with the scalers and discarded after (TinyBERT's hidden
+loss), starting at the unit correspondence of the Kronecker layout (target unit ``a*r+p`` is teacher unit
+``a*r_t+p``), and target block ``l`` against teacher block ``round((l+1) L_t / L) - 1``. So a headless
+teacher (or one whose head knows other labels) teaches stage 2 too.
 AdamW without weight decay (scalers set the scale of the built weights), cosine schedule.
 
 ``fit_scalers`` returns the ``Scalers`` only: ``WaveInitializer.build`` always makes a new head, so the head
@@ -17,18 +23,21 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from transformers import ViTForImageClassification
 
-from . import training
+from . import training, vit_layout
 from .checkpoint import dataset_fingerprint, tensors_fingerprint
-from .distill import Teacher, distillation_loss, load_teacher, teacher_has_head
+from .distill import check_weight, kl_loss, layerwise_loss, standardized_mse, teacher_fingerprint
 from .fold import fold
 from .loop import Cosine, LoopResult, LoopSettings, run_loop
 from .scalers import Scalers, check_lowrank_rank, check_size
+from .teachers import Teacher, check_head, load_teacher
 from .templates import TemplateBank
 
 if TYPE_CHECKING:
@@ -60,6 +69,10 @@ def _fit(
     checkpoint_every: int,
     max_steps: int | None,
     progress: bool,
+    teacher_head: str = "auto",
+    feature_weight: float | None = None,
+    layer_weight: float = 0.0,
+    image_size: int | None = None,
 ) -> tuple[ViTForImageClassification, LoopResult]:
     """The shared body of ``fit_scalers`` and ``fit_model``: returns the trained parametrized model."""
     # Checked by what it holds, not by class: ``initializer`` imports this module (``fit_scalers``).
@@ -92,17 +105,11 @@ def _fit(
         raise ValueError(f"num_labels must be an int >= 1, got {num_labels!r}")
     training.check_labels(labels, num_labels)
 
-    kd = None
-    if teacher is not None and kd_weight > 0:
-        kd = load_teacher(teacher)
-        if not teacher_has_head(kd):
-            raise ValueError("KD in fit needs a teacher with a classification head (ViTForImageClassification)")
-        if kd.config.num_labels != num_labels:
-            raise ValueError(f"the teacher predicts {kd.config.num_labels} labels, the model num_labels={num_labels}")
-        kd.requires_grad_(False)
-
     model = initializer.parametrize(depth, width, heads, num_labels=num_labels, id2label=id2label, seed=seed,
-                                    lowrank_rank=lowrank_rank)
+                                    lowrank_rank=lowrank_rank, image_size=image_size)
+    signal = TeacherSignal.resolve(teacher if kd_weight > 0 else None, model.config, head=teacher_head,
+                                   kd_weight=kd_weight, temperature=temperature, feature_weight=feature_weight,
+                                   layer_weight=layer_weight)
     model.requires_grad_(False)
     scalers: Scalers = model.wave_source.scalers
     # Scalers multiply frozen templates and the head starts random: both take the large step ``lr``.
@@ -114,18 +121,11 @@ def _fit(
     additive += list(scalers.lowrank_a.values()) + list(scalers.lowrank_b.values())  # empty at rank 0
     for p in multiplicative + additive:
         p.requires_grad_(True)
+    trained = signal.student(model, lambda: kronecker_projection(initializer.config.template_width, width,
+                                                                 signal.teacher.shape.width))
+    multiplicative += signal.extra_parameters(trained)
     groups = [{"params": multiplicative, "weight_decay": 0.0},
               {"params": additive, "weight_decay": 0.0, "lr": vectors_lr}]
-
-    def loss_fn(student: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        x, y = batch["pixel_values"], batch["labels"]
-        logits = student(pixel_values=x).logits
-        ce = nn.functional.cross_entropy(logits, y)
-        if kd is None:
-            return ce
-        with torch.no_grad():
-            target = training.forward_output(kd.to(x.device), x)
-        return ce + kd_weight * distillation_loss(logits, target, None, temperature=temperature, alpha=1.0)
 
     run_id = None
     if output_dir is not None:  # hashing the bank and the data costs a little: only when checkpointing
@@ -136,12 +136,139 @@ def _fit(
             "temperature": temperature, "max_images": max_images, "num_labels": num_labels,
             "bank": tensors_fingerprint(initializer.bank.state_dict()),
             "start": tensors_fingerprint(fitted.state_dict()) if fitted is not None else "auxiliary scalers",
-            "teacher": tensors_fingerprint(kd.state_dict()) if kd is not None else None,
+            "teacher": teacher_fingerprint(signal.teacher) if signal.teacher is not None else None,
             "data": dataset_fingerprint(data, labels),
         }
-    model, log = run_loop(model, groups, training.dataset_batches(data, settings), loss_fn, settings, fingerprint=run_id)
+        run_id.update(signal.fingerprint())
+        if image_size is not None:  # absent from runs made before the option existed
+            run_id["image_size"] = model.config.image_size
+    trained, log = run_loop(trained, groups, training.dataset_batches(data, settings), signal.loss_fn(depth),
+                            settings, fingerprint=run_id)
+    model = trained.model if isinstance(trained, FeatureStudent) else trained
     model.requires_grad_(False)
     return model, log
+
+
+@dataclass
+class TeacherSignal:
+    """What a teacher adds to a stage-2 style loss (the scaler fit, and the budget-matched Weight Selection
+    pass that must see the same loss): ``CE + kd_weight * (KL on logits + feature terms)``.
+
+    ``resolve`` loads the teacher at the student's image size and checks its head against the student's
+    labels (``Teacher.for_task``); ``student`` wraps the model with the feature map when features are
+    matched; ``loss_fn`` is the loop's loss. With no feature weights the loss and the model passed to the loop
+    are exactly those of the logits-only fit (same bits, same checkpoints).
+    """
+
+    teacher: Teacher | None = None
+    kd_weight: float = 0.0
+    temperature: float = 1.0
+    feature_weight: float = 0.0
+    layer_weight: float = 0.0
+    teacher_head: str = "auto"
+
+    @classmethod
+    def resolve(cls, teacher: Any, student_config: Any, *, head: str = "auto", kd_weight: float = 1.0,
+                temperature: float = 1.0, feature_weight: float | None = None, layer_weight: float = 0.0
+                ) -> TeacherSignal:
+        """``feature_weight`` defaults to 1 for a teacher without logits for these labels, else 0."""
+        head = check_head(head)
+        layer_weight = check_weight("layer_weight", layer_weight, 0.0)
+        if teacher is None:
+            return cls(feature_weight=check_weight("feature_weight", feature_weight, 0.0), layer_weight=layer_weight,
+                       teacher_head=head)
+        c = student_config
+        kd = load_teacher(teacher, image_size=c.image_size, head=head)
+        kd = kd.for_task(c.num_labels, c.id2label if c.id2label else None, head=head)
+        feature_weight = check_weight("feature_weight", feature_weight, 0.0 if kd.has_head else 1.0)
+        if not kd.has_head and feature_weight == 0 and layer_weight == 0:
+            raise ValueError("this teacher has no logits for these labels (teacher_head, or a head over other labels), "
+                             "so it teaches only through feature_weight and layer_weight; both are 0")
+        return cls(kd, kd_weight, temperature, feature_weight, layer_weight, head)
+
+    @property
+    def features(self) -> bool:
+        return self.teacher is not None and bool(self.feature_weight or self.layer_weight)
+
+    def student(self, model: ViTForImageClassification, projection: Callable[[], nn.Linear]) -> nn.Module:
+        """``model`` itself, or with the trainable feature map ``projection()`` when features are matched."""
+        return FeatureStudent(model, projection(), blocks=self.layer_weight > 0) if self.features else model
+
+    @staticmethod
+    def extra_parameters(student: nn.Module) -> list[nn.Parameter]:
+        """The feature map's parameters (trained with the rest, at the same rate)."""
+        return list(student.project.parameters()) if isinstance(student, FeatureStudent) else []
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Checkpoint fields; empty for a logits-only teacher, as before feature matching existed."""
+        if not self.features:
+            return {}
+        return {"feature_weight": self.feature_weight, "layer_weight": self.layer_weight,
+                "teacher_head": self.teacher_head}
+
+    def loss_fn(self, depth: int) -> Callable[[nn.Module, dict[str, Tensor]], Tensor]:
+        kd, features = self.teacher, self.features
+        pairs = block_pairs(depth, kd.shape.depth) if kd is not None else []
+
+        def loss_fn(student: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+            x, y = batch["pixel_values"], batch["labels"]
+            if not features:
+                logits = student(pixel_values=x).logits
+                ce = nn.functional.cross_entropy(logits, y)
+                if kd is None:
+                    return ce
+                with torch.no_grad():
+                    target = kd.to(x.device).logits(x)
+                return ce + self.kd_weight * kl_loss(logits, target, self.temperature)
+            with torch.no_grad():
+                target = kd.to(x.device)(x, hidden_states=self.layer_weight > 0)
+            logits, feature, blocks = student(x)
+            signal = self.feature_weight * standardized_mse(feature, target.feature)
+            if self.layer_weight:
+                signal = signal + self.layer_weight * layerwise_loss(blocks, target.hidden_states, pairs)
+            if kd.has_head:
+                signal = signal + kl_loss(logits, target.logits, self.temperature)
+            return nn.functional.cross_entropy(logits, y) + self.kd_weight * signal
+
+        return loss_fn
+
+
+def block_pairs(depth: int, teacher_depth: int) -> list[tuple[int, int]]:
+    """Target block ``l`` against teacher block ``round((l + 1) * L_t / L) - 1`` (TinyBERT's uniform map):
+    the last blocks always meet, and equal depths pair every block with itself."""
+    return [(layer, max(0, round((layer + 1) * teacher_depth / depth) - 1)) for layer in range(depth)]
+
+
+def kronecker_projection(template_width: int, width: int, teacher_width: int) -> nn.Linear:
+    """A bias-free ``width -> teacher_width`` map starting at the Kronecker layout's unit correspondence:
+    target unit ``a*r + p`` reads teacher unit ``a*r_t + p`` for ``p < min(r, r_t)`` (the identity when the
+    widths are equal). Width-from-width is then learned where the correspondence runs out."""
+    if teacher_width % template_width:
+        raise ValueError(f"the teacher's width {teacher_width} is not a multiple of the bank's template_width="
+                         f"{template_width}: its features cannot be matched unit by unit")
+    r, r_t = width // template_width, teacher_width // template_width
+    out = nn.Linear(width, teacher_width, bias=False)
+    with torch.no_grad():
+        out.weight.zero_()
+        units = torch.arange(template_width)
+        for p in range(min(r, r_t)):
+            out.weight[units * r_t + p, units * r + p] = 1.0
+    return out
+
+
+class FeatureStudent(nn.Module):
+    """The fitted model plus its feature map to the teacher's width: ``x -> (logits, projected CLS feature,
+    projected block outputs)`` in one forward, so DDP sees a single call per step."""
+
+    def __init__(self, model: ViTForImageClassification, project: nn.Linear, blocks: bool):
+        super().__init__()
+        self.model, self.project, self.blocks = model, project, blocks
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        out = vit_layout.encoder(self.model)(pixel_values, output_hidden_states=self.blocks)
+        feature = out.last_hidden_state[:, 0]
+        blocks = tuple(self.project(h) for h in out.hidden_states[1:]) if self.blocks else ()
+        return self.model.classifier(feature), self.project(feature), blocks
 
 
 def _detached(config, scalers: Scalers) -> Scalers:
@@ -160,6 +287,10 @@ def fit_scalers(
     num_labels: int | None = None,
     id2label: dict[int, str] | None = None,
     teacher: str | os.PathLike | Teacher | None = None,
+    teacher_head: str = "auto",
+    feature_weight: float | None = None,
+    layer_weight: float = 0.0,
+    image_size: int | None = None,
     max_images: int | None = 1000,
     steps: int = 300,
     batch_size: int = 64,
@@ -186,13 +317,23 @@ def fit_scalers(
             ``max_images`` of them is used (``None``: all).
         num_labels, id2label: the head; default from the dataset's ``ClassLabel`` feature, else
             ``max(label) + 1``.
-        teacher: optional KD teacher (module, folder or repo id) with a head over the same labels.
+        teacher: optional teacher (anything ``wave_hf.teachers.load_teacher`` takes), loaded at the model's
+            image size. With a trained head over the same labels it gives KL on logits; otherwise (or besides,
+            with the weights below) it teaches through its features.
+        teacher_head: ``"auto"`` (logits when the head predicts these labels, else features with a warning),
+            ``"logits"`` (require them) or ``"none"`` (features only).
+        feature_weight, layer_weight: weights of the standardised final-CLS-feature MSE and of the layer-wise
+            loss (module docstring) inside the teacher term; ``feature_weight`` defaults to 1 for a teacher
+            without logits, else 0; ``layer_weight`` to 0.
+        image_size: fit at this input size (a multiple of the patch size; default the bank's): the position
+            templates are resampled to it as the teacher family resamples its position embeddings.
         steps, batch_size, lr: AdamW (no weight decay), cosine to 0 after ``warmup_ratio * steps`` warm-up
             steps; ``batch_size`` is the global batch (split across ``accelerate launch`` processes). ``lr``
             drives the scalers and the head: they multiply frozen templates, so a large step is safe.
         vectors_lr: lr of the vector templates and the low-rank factors, which are added to the weights
             directly (default ``lr / 10``). A sweep at 4x64 and 6x128 found lr 1e-2 with 1e-3 here best.
-        kd_weight, temperature: the loss is ``CE + kd_weight * KL * T^2`` when a teacher is given.
+        kd_weight, temperature: the loss is ``CE + kd_weight * (KL * T^2 + feature terms)`` when a teacher is
+            given (0: the teacher is not used).
         train_vectors: also train the per-size vector templates (``Scalers.vectors``); they fold exactly.
         lowrank_rank: rank ``k`` (int in ``[0, width]``; 0, the default, is off) of a per-layer correction
             ``A_l @ B_l`` added to each built matrix (q, k, v, o, fc1, fc2), trained with the scalers (at
@@ -211,7 +352,9 @@ def fit_scalers(
     it is discarded (``build`` makes a new one); use ``fit_model`` to keep it.
     """
     model, _ = _fit(initializer, depth, width, train_dataset, num_heads=num_heads, num_labels=num_labels,
-                    id2label=id2label, teacher=teacher, max_images=max_images, steps=steps, batch_size=batch_size,
+                    id2label=id2label, teacher=teacher, teacher_head=teacher_head, feature_weight=feature_weight,
+                    layer_weight=layer_weight, image_size=image_size, max_images=max_images, steps=steps,
+                    batch_size=batch_size,
                     lr=lr, vectors_lr=vectors_lr, kd_weight=kd_weight, temperature=temperature, train_vectors=train_vectors,
                     lowrank_rank=lowrank_rank, warmup_ratio=warmup_ratio, seed=seed, output_dir=output_dir,
                     checkpoint_every=checkpoint_every, max_steps=max_steps, progress=progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from .io import HubMixin, require_finite
 from .rule import assemble
 from .scalers import Scalers, check_target_size
 from .templates import TemplateBank
-from .validation import MAX_SEED, check_int, check_name
+from .validation import MAX_IMAGE_SIZE, MAX_SEED, check_int, check_name
 
 DEFAULT_BANK = Path(__file__).resolve().parent / "default_bank"
 DEFAULT_NAMES = ("default", "wave-hf/default")
@@ -127,12 +128,30 @@ class WaveInitializer(HubMixin, library_name="wave-hf", tags=["wave-hf", "wave",
         return cls(bank, scalers)
 
     # ---------------------------------------------------------------------------------- assembling
-    def vit_config(self, depth: int, width: int, num_heads: int | None = None, num_labels: int = 10,
-                   id2label: dict[int, str] | None = None) -> ViTConfig:
-        """The stock ``ViTConfig`` of a target size (validated against the bank; ``id2label``, if given,
-        sets the labels and must map ``0 .. n - 1`` to strings)."""
-        depth, width, heads = check_target_size(self.config, depth, width, num_heads)
+    def config_at(self, image_size: int | None = None) -> WaveTemplateConfig:
+        """The bank's config at another input size (a multiple of its patch size; ``None``: its own).
+
+        The bank records the size it was distilled at (``config.image_size``); a target at another size gets
+        its position embeddings resampled from that grid (``rule``), exactly as the teacher family resamples
+        its own, and everything else unchanged."""
         c = self.config
+        if image_size is None or image_size == c.image_size:
+            return c
+        image_size = check_int("image_size", image_size, 1, MAX_IMAGE_SIZE)
+        if image_size % c.patch_size:
+            raise ValueError(f"image_size={image_size} is not a multiple of the bank's patch_size={c.patch_size} "
+                             f"(e.g. {max(c.patch_size, image_size // c.patch_size * c.patch_size)})")
+        out = copy.deepcopy(c)
+        out.image_size = image_size
+        out.check()
+        return out
+
+    def vit_config(self, depth: int, width: int, num_heads: int | None = None, num_labels: int = 10,
+                   id2label: dict[int, str] | None = None, image_size: int | None = None) -> ViTConfig:
+        """The stock ``ViTConfig`` of a target size (validated against the bank; ``id2label``, if given,
+        sets the labels and must map ``0 .. n - 1`` to strings; ``image_size`` defaults to the bank's)."""
+        depth, width, heads = check_target_size(self.config, depth, width, num_heads)
+        c = self.config_at(image_size)
         shape = vit_layout.ViTShape(depth, width, heads, c.mlp_ratio, c.image_size, c.patch_size, c.num_channels)
         return vit_layout.make_vit_config(
             shape, layer_norm_eps=c.layer_norm_eps, qkv_bias=c.qkv_bias, hidden_act=c.hidden_act,
@@ -172,12 +191,12 @@ class WaveInitializer(HubMixin, library_name="wave-hf", tags=["wave-hf", "wave",
 
     def _target(self, depth: int, width: int, num_heads: int | None = None, num_labels: int = 10,
                 id2label: dict[int, str] | None = None, scalers: Scalers | None = None, seed: int = 0,
-                lowrank_rank: int = 0):
+                lowrank_rank: int = 0, image_size: int | None = None):
         """Validated ``ViTConfig`` and scalers of a target (shared by ``build`` and ``parametrize``): a model
         that would not fit in memory is refused before anything is allocated, and NaN/Inf scalers or
         templates (a diverged fit, a bank edited in memory) are named instead of building NaN weights."""
         seed = check_int("seed", seed, 0, MAX_SEED)
-        vit_config = self.vit_config(depth, width, num_heads, num_labels, id2label)
+        vit_config = self.vit_config(depth, width, num_heads, num_labels, id2label, image_size)
         vit_layout.check_buildable(vit_layout.shape_of(vit_config), vit_config.num_labels)
         scalers = self._resolve_scalers(depth, width, num_heads, scalers, seed, lowrank_rank)
         scalers.check_finite(f"scalers for depth={scalers.depth}, width={scalers.width}")
@@ -207,6 +226,7 @@ class WaveInitializer(HubMixin, library_name="wave-hf", tags=["wave-hf", "wave",
         scalers: Scalers | None = None,
         seed: int = 0,
         lowrank_rank: int = 0,
+        image_size: int | None = None,
     ) -> ViTForImageClassification:
         """A stock ``ViTForImageClassification`` with WAVE weights and a new classifier head.
 
@@ -216,10 +236,14 @@ class WaveInitializer(HubMixin, library_name="wave-hf", tags=["wave-hf", "wave",
         Scalers that carry a low-rank correction (fitted with ``lowrank_rank``) add it to every matrix.
         ``lowrank_rank`` (int in ``[0, width]``, default 0) gives scalers without one a new correction; it starts
         at exactly zero, so here it changes no weight (it matters for ``parametrize``, where it trains).
+
+        ``image_size`` (default: the size the bank was distilled at, ``config.image_size``) builds for another
+        input size, a multiple of the patch size: the position embeddings are resampled from the bank's grid
+        as the teacher family resamples its own (``config_at``).
         """
         vit_config, scalers, seed = self._target(depth, width, num_heads, num_labels, id2label, scalers, seed,
-                                                 lowrank_rank)
-        state = assemble(self.config, self.bank.templates, scalers)
+                                                 lowrank_rank, image_size)
+        state = assemble(self.config_at(image_size), self.bank.templates, scalers)
         for key, value in state.items() if self._may_overflow(scalers) else ():  # finite factors can overflow
             if not torch.isfinite(value).all():
                 raise ValueError(f"the built weight {key} overflows to Inf or NaN: the scalers are too large "
@@ -242,7 +266,8 @@ class WaveInitializer(HubMixin, library_name="wave-hf", tags=["wave-hf", "wave",
         vit_config, scalers, seed = self._target(depth, width, num_heads, **kwargs)
         trainable = Scalers(self.config, depth, width, scalers.num_heads, scalers.lowrank_rank)
         trainable.load_state_dict(scalers.state_dict())
-        return parametrize_vit(self.config, self.bank.templates, trainable, vit_config, seed=seed)
+        return parametrize_vit(self.config_at(vit_config.image_size), self.bank.templates, trainable, vit_config,
+                               seed=seed)
 
     def fit_scalers(self, depth: int, width: int, train_dataset, **kwargs) -> Scalers:
         """Fit new scalers for one size on a little data, templates frozen (stage 2; see ``wave_hf.fit``).

@@ -51,6 +51,23 @@ def _vector_rule(name: str, layer: int | None, shape: tuple[int, ...], transpose
     return rule
 
 
+def _position_rule(config: WaveTemplateConfig, width: int) -> TensorRule:
+    """Position embeddings at ``config.image_size``. Scalers always hold the position templates of the grid
+    the bank was distilled at; a config for another image size (``WaveInitializer`` at ``image_size=``)
+    gets them resampled exactly as the teacher family resamples (``vit_layout.resample_positions``). The
+    resample acts on the token axis and the Kronecker sum on the unit axis, so resampling the built
+    embeddings equals building from resampled templates; it is differentiable, so a fit trains through it."""
+    base = _vector_rule("pos", None, (-1, width), False)
+
+    def rule(templates: Mapping[str, Tensor], scalers: Scalers) -> Tensor:
+        pos = base(templates, scalers)[None]
+        if pos.shape[1] != config.num_tokens:
+            pos = vit_layout.resample_positions(pos, config.image_size, config.patch_size)
+        return pos
+
+    return rule
+
+
 def tensor_rules(config: WaveTemplateConfig, depth: int, width: int) -> dict[str, TensorRule]:
     """One rule per encoder key of a ``ViTForImageClassification`` of this size, in state-dict order."""
     a = config.template_width
@@ -61,12 +78,12 @@ def tensor_rules(config: WaveTemplateConfig, depth: int, width: int) -> dict[str
         "patch_weight": ((width, c, p, p), True),
         "patch_bias": ((width,), False),
         "cls": ((1, 1, width), False),
-        "pos": ((1, config.num_tokens, width), False),
         "final_ln_weight": ((width,), False),
         "final_ln_bias": ((width,), False),
     }
-    for name, (shape, transpose) in global_shapes.items():
-        rules[vit_layout.global_key(name)] = _vector_rule(name, None, shape, transpose)
+    for name in vit_layout.GLOBAL_TENSORS:  # the ViT's key order
+        rules[vit_layout.global_key(name)] = (_position_rule(config, width) if name == "pos"
+                                              else _vector_rule(name, None, *global_shapes[name]))
     for layer in range(depth):
         for name in vit_layout.LAYER_MATRICES:
             rules[vit_layout.layer_key(layer, name)] = _matrix_rule(name, layer, a)

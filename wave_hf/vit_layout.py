@@ -2,17 +2,21 @@
 
 transformers 5 renamed the ViT weights (``vit.layers.N.attention.q_proj`` instead of
 ``vit.encoder.layer.N.attention.attention.query``) and converts old checkpoints at load time. Every
-other module of wave-hf asks this one for keys and modules, so the next rename is a one-file change.
+other module of wave-hf asks this one for keys and modules, so the next rename is a one-file change. It also
+knows how the other teacher families (DeiT, Dinov2) name the same tensors (``family_key``), so that
+``wave_hf.teachers`` can turn any of them into a stock ViT state dict.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
-from torch import nn
-from transformers import ViTConfig, ViTForImageClassification
+from torch import Tensor, nn
+from transformers import ViTConfig, ViTForImageClassification, ViTModel
+from transformers.models.vit.modeling_vit import ViTEmbeddings
 
 from .validation import MAX_DEPTH, MAX_NUM_LABELS, MAX_WIDTH, check_id2label, check_int, check_memory
 
@@ -61,6 +65,17 @@ LAYER_LINEARS: dict[str, str] = {
 LAYER_NORMS: dict[str, str] = {"ln1": "layernorm_before", "ln2": "layernorm_after"}
 FINAL_NORM = "layernorm"
 
+# Other teacher families (transformers 5.x), as keys of their base model (``Dinov2Model``, ``DeiTModel``): the
+# one place that knows them, so that ``wave_hf.teachers`` can translate a teacher into the stock ViT keys above.
+#: Prefix of layer ``N``'s keys in each family's base model.
+FAMILY_LAYER_PREFIX = {"vit": "layers.{}.", "deit": "layers.{}.", "dinov2": "encoder.layer.{}."}
+#: Per-layer module names that differ from ViT's, by family (``Dinov2Layer`` says norm1/norm2).
+FAMILY_RENAMES = {"dinov2": {"layernorm_before.": "norm1.", "layernorm_after.": "norm2."}}
+#: Dinov2's layer scale: ``h + lambda * o(attn)`` and ``h + lambda * fc2(mlp)``, by the matrix it multiplies.
+LAYER_SCALE_KEYS = {"o": "layer_scale1.lambda1", "fc2": "layer_scale2.lambda1"}
+#: Extra tokens a family's embeddings put between CLS and the patches (DeiT's distillation token).
+FAMILY_EXTRA_TOKENS = {"vit": 0, "deit": 1, "dinov2": 0}
+
 
 def layer_key(layer: int, name: str) -> str:
     """Full state-dict key of a per-layer tensor, e.g. ``layer_key(3, "q")``."""
@@ -80,6 +95,41 @@ def encoder_keys(depth: int) -> list[str]:
         keys += [layer_key(layer, n) for n in LAYER_MATRICES]
         keys += [layer_key(layer, n) for n in LAYER_VECTORS]
     return keys
+
+
+def family_key(family: str, key: str) -> str:
+    """The key in ``family``'s base model (``ViTModel``, ``DeiTModel``, ``Dinov2Model``) of the tensor that a
+    stock ViT calls ``key`` (a ``global_key``/``layer_key``, with the ``vit.`` prefix)."""
+    if family not in FAMILY_LAYER_PREFIX:
+        raise ValueError(f"unknown teacher family {family!r}; known: {sorted(FAMILY_LAYER_PREFIX)}")
+    short = key.removeprefix(ENCODER_PREFIX)
+    if not short.startswith("layers."):
+        return short
+    _, layer, rest = short.split(".", 2)
+    for old, new in FAMILY_RENAMES.get(family, {}).items():
+        rest = rest.replace(old, new, 1) if rest.startswith(old) else rest
+    return FAMILY_LAYER_PREFIX[family].format(layer) + rest
+
+
+def layer_scale_key(family: str, layer: int, name: str) -> str:
+    """Base-model key of the layer scale that multiplies matrix ``name`` (``"o"`` or ``"fc2"``) of ``layer``."""
+    return FAMILY_LAYER_PREFIX[family].format(layer) + LAYER_SCALE_KEYS[name]
+
+
+def resample_positions(pos: Tensor, image_size: int, patch_size: int) -> Tensor:
+    """``(1, 1 + n, D)`` position embeddings of a square grid resampled for ``image_size`` pixels.
+
+    It *is* transformers' ``ViTEmbeddings.interpolate_pos_encoding`` (bicubic, ``align_corners=False``, to the
+    new grid's size), so a stock ViT built with the result computes what the source model computes with
+    ``interpolate_pos_encoding=True``; transformers 5's Dinov2 resamples the same way. Differentiable, so
+    trainable position templates can be fitted through it. The same size returns ``pos`` itself.
+    """
+    if image_size % patch_size:
+        raise ValueError(f"patch_size={patch_size} must divide image_size={image_size}")
+    grid = image_size // patch_size
+    owner = SimpleNamespace(position_embeddings=pos, patch_size=patch_size)
+    placeholder = pos.new_empty(1, 1, 1).expand(1, grid * grid + 1, pos.shape[-1])  # only its shape is read
+    return ViTEmbeddings.interpolate_pos_encoding(owner, placeholder, image_size, image_size)
 
 
 def layer_tensor_names() -> list[str]:
@@ -240,3 +290,14 @@ def empty_classifier(config: ViTConfig) -> ViTForImageClassification:
     """A ``ViTForImageClassification`` on the meta device: no memory, no random init to overwrite."""
     with torch.device("meta"):
         return ViTForImageClassification(config)
+
+
+def encoder_from_state(config: ViTConfig, state: dict[str, Tensor]) -> ViTModel:
+    """A stock ``ViTModel`` (no pooler) holding ``state`` (``vit.``-prefixed encoder keys), in eval mode.
+
+    Built on the meta device and filled with ``assign=True``: nothing is initialized to be overwritten, and
+    ``strict`` catches a missing or extra key."""
+    with torch.device("meta"):
+        model = ViTModel(config, add_pooling_layer=False)
+    model.load_state_dict({k.removeprefix(ENCODER_PREFIX): v for k, v in state.items()}, strict=True, assign=True)
+    return model.eval()

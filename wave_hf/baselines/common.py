@@ -1,8 +1,8 @@
-"""What the baselines share: the target ``ViTConfig``, loading a teacher, and assembling a stock model."""
+"""What the baselines share: the target ``ViTConfig`` and assembling a stock model. Teachers are loaded by
+``wave_hf.teachers.load_teacher`` (ViT, DeiT, Dinov2; any image size), the loader stage 1 and 2 use."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,17 +12,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from .. import vit_layout
 from ..fold import head_init_
-
-
-def load_teacher(teacher: ViTForImageClassification | str | os.PathLike) -> ViTForImageClassification:
-    """A teacher given as a model is used as is; a folder or repo id is loaded with plain transformers."""
-    if isinstance(teacher, ViTForImageClassification):
-        return teacher
-    if isinstance(teacher, (str, os.PathLike)):
-        model = ViTForImageClassification.from_pretrained(os.fspath(teacher))
-        model.eval()
-        return model
-    raise TypeError(f"teacher must be a ViTForImageClassification or a path, got {type(teacher).__name__}")
+from ..teachers import load_teacher
 
 
 def config_like(source: ViTConfig, depth: int, width: int, num_heads: int | None = None, num_labels: int = 10,
@@ -49,15 +39,18 @@ def target_config(
     id2label: dict[int, str] | None,
     teacher: Any = None,
     initializer: Any = None,
+    image_size: int | None = None,
 ) -> ViTConfig:
     """The target's config from the bank if there is one (so every method builds the same architecture as
-    WAVE), else from the teacher; a target that would not fit in memory is refused before it is built."""
+    WAVE), else from the teacher, at ``image_size`` (default the bank's or the teacher's); a target that would
+    not fit in memory is refused before it is built."""
     if initializer is not None:
-        config = initializer.vit_config(depth, width, num_heads, num_labels, id2label)
+        config = initializer.vit_config(depth, width, num_heads, num_labels, id2label, image_size)
         vit_layout.check_buildable(vit_layout.shape_of(config), config.num_labels)
         return config
     if teacher is not None:
-        return config_like(load_teacher(teacher).config, depth, width, num_heads, num_labels, id2label)
+        source = load_teacher(teacher, image_size=image_size).config
+        return config_like(source, depth, width, num_heads, num_labels, id2label)
     raise ValueError("need a teacher= or an initializer= to know the input geometry of the target ViT")
 
 

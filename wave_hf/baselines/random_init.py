@@ -15,7 +15,8 @@ def random_init(req: InitRequest) -> ViTForImageClassification:
     seed fixes the bits without changing the caller's random state. Needs a teacher or a bank only for the
     input geometry."""
     config = target_config(req.depth, req.width, num_heads=req.num_heads, num_labels=req.num_labels,
-                           id2label=req.id2label, teacher=req.teacher, initializer=req.initializer)
+                           id2label=req.id2label, teacher=req.teacher, initializer=req.initializer,
+                           image_size=req.image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(req.seed)
         model = ViTForImageClassification(config)

@@ -14,7 +14,7 @@ from typing import Any
 from transformers import ViTForImageClassification
 
 from ..registry import Registry
-from ..validation import MAX_SEED, check_int
+from ..validation import MAX_IMAGE_SIZE, MAX_SEED, check_int
 
 
 @dataclass
@@ -32,6 +32,7 @@ class InitRequest:
     train_dataset: Any = None
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    image_size: int | None = None  # None: the bank's (or the teacher's) own input size
 
 
 InitFn = Callable[[InitRequest], ViTForImageClassification]
@@ -79,10 +80,11 @@ def init_model(
     *,
     num_heads: int | None = None,
     num_labels: int = 10,
-    teacher: ViTForImageClassification | str | None = None,
+    teacher: Any = None,
     initializer: Any = None,
     train_dataset: Any = None,
     seed: int = 0,
+    image_size: int | None = None,
     **kw: Any,
 ) -> ViTForImageClassification:
     """A stock ``ViTForImageClassification`` of ``depth`` x ``width`` initialized by ``method``.
@@ -90,11 +92,15 @@ def init_model(
     Args:
         method: a key of ``INIT_METHODS`` (``random``, ``weight_selection``, ``weight_selection_matched``,
             ``tleg``, ``wave_default``, ``wave_fitted``).
-        teacher: the ancestry ViT (a model or a folder); Weight Selection copies from it, and the fitting
-            methods distil from it unless ``distill=False``.
+        teacher: the ancestry (anything ``wave_hf.teachers.load_teacher`` takes: a ViT, DeiT or Dinov2 model,
+            a folder or a repo id); Weight Selection copies from it, and the fitting methods distil from it
+            unless ``distill=False``.
         initializer: a ``WaveInitializer`` (the template bank) for ``tleg`` and the WAVE methods.
         train_dataset: images for the methods that fit on data (``wave_fitted``, ``weight_selection_matched``).
         seed: fixes every random choice (head, new scaler entries, data order); same seed, same bits.
+        image_size: the target's input size (a multiple of the patch size; default the bank's, else the
+            teacher's): position embeddings are resampled as the teacher family does (the teacher's once at
+            load, the bank's position templates at build).
         **kw: method options (e.g. ``id2label``, ``steps``, ``max_images``); unknown ones raise in the method.
     """
     entry = INIT_METHODS[method]  # raises with the registered names for an unknown one
@@ -105,5 +111,7 @@ def init_model(
         raise ValueError(f"init method {method!r} needs {', '.join(f'{n}=' for n in missing)} (got None)")
     id2label = kw.pop("id2label", None)
     options = INIT_METHODS.check_options(method, kw)
+    if image_size is not None:
+        image_size = check_int("image_size", image_size, 1, MAX_IMAGE_SIZE)
     return entry.fn(InitRequest(depth, width, num_heads, num_labels, id2label, teacher, initializer, train_dataset,
-                                seed, options))
+                                seed, options, image_size))

@@ -49,8 +49,10 @@ def linear_fit(stack: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def learngene(initializer: Any, width: int, num_heads: int | None = None, seed: int = 0,
-              width_expansion: str = "wave") -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
-    """``({per-layer name: (A, B)}, {global key: tensor})`` from the bank's auxiliary model at ``width``."""
+              width_expansion: str = "wave", image_size: int | None = None
+              ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
+    """``({per-layer name: (A, B)}, {global key: tensor})`` from the bank's auxiliary model at ``width`` (and
+    ``image_size``, default the bank's: the position embeddings are resampled as ``WaveInitializer.build`` does)."""
     if width_expansion not in WIDTH_EXPANSIONS:
         raise ValueError(f"width_expansion must be one of {list(WIDTH_EXPANSIONS)}, got {width_expansion!r}")
     config = initializer.config
@@ -60,7 +62,7 @@ def learngene(initializer: Any, width: int, num_heads: int | None = None, seed: 
             f"{config.template_width}; pass width_expansion='wave' to expand other widths by WAVE's default scalers"
         )
     source = Scalers.from_source(config, initializer.bank.aux, config.aux_depth, width, num_heads, seed=seed)
-    state = assemble(config, initializer.bank.templates, source)
+    state = assemble(initializer.config_at(image_size), initializer.bank.templates, source)
     layers = {}
     for name in vit_layout.layer_tensor_names():
         keys = [vit_layout.layer_key(layer, name) for layer in range(config.aux_depth)]
@@ -71,14 +73,15 @@ def learngene(initializer: Any, width: int, num_heads: int | None = None, seed: 
 
 
 @register_init_method("tleg", needs=("initializer",), options=("width_expansion",),
-                      description="TLEG linear expansion W_l = W_A + (l/L) W_B, fitted to the bank's auxiliary model")
+                      description="linear-depth (TLEG-style): W_l = W_A + (l/L) W_B least-squares fitted to the bank's "
+                                  "auxiliary model; not TLEG's trained learngene")
 def tleg(req: InitRequest) -> ViTForImageClassification:
     """Any depth (the line is only sampled at ``l / L``, never extrapolated past the auxiliary range)."""
     config = target_config(req.depth, req.width, num_heads=req.num_heads, num_labels=req.num_labels,
-                           id2label=req.id2label, initializer=req.initializer)
+                           id2label=req.id2label, initializer=req.initializer, image_size=req.image_size)
     depth = config.num_hidden_layers
     layers, state = learngene(req.initializer, config.hidden_size, config.num_attention_heads, req.seed,
-                              req.options.get("width_expansion", "wave"))
+                              req.options.get("width_expansion", "wave"), config.image_size)
     for layer in range(depth):
         for name, (base, slope) in layers.items():
             state[vit_layout.layer_key(layer, name)] = base + (layer / depth) * slope

@@ -21,7 +21,7 @@ from .registry import InitRequest, register_init_method
 #: ``fit_scalers``' keywords (``fit_model`` takes the same), minus the request's own fields, plus ``distill``.
 FIT_OPTIONS = tuple(
     name for name, p in inspect.signature(fit_scalers).parameters.items()
-    if p.kind is p.KEYWORD_ONLY and name not in ("num_heads", "num_labels", "id2label", "teacher", "seed")
+    if p.kind is p.KEYWORD_ONLY and name not in ("num_heads", "num_labels", "id2label", "teacher", "seed", "image_size")
 ) + ("distill",)
 
 
@@ -36,7 +36,7 @@ def wave_default(req: InitRequest) -> ViTForImageClassification:
     """Templates x default scalers, folded; new head."""
     scalers = default_scalers(req.initializer, req.depth, req.width, req.num_heads, req.seed)
     return req.initializer.build(req.depth, req.width, req.num_heads, num_labels=req.num_labels,
-                                 id2label=req.id2label, scalers=scalers, seed=req.seed)
+                                 id2label=req.id2label, scalers=scalers, seed=req.seed, image_size=req.image_size)
 
 
 @register_init_method("wave_fitted", needs=("initializer", "train_dataset"), options=FIT_OPTIONS,
@@ -51,4 +51,4 @@ def wave_fitted(req: InitRequest) -> ViTForImageClassification:
     distill = opts.pop("distill", True)
     return fit_model(req.initializer, req.depth, req.width, req.train_dataset, num_heads=req.num_heads,
                      num_labels=req.num_labels, id2label=req.id2label, teacher=req.teacher if distill else None,
-                     seed=req.seed, **opts)
+                     seed=req.seed, image_size=req.image_size, **opts)

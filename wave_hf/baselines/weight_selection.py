@@ -4,7 +4,9 @@ First-N layers of the teacher, then evenly spaced elements on every axis whose s
 section 6): q, k and v separately (HF keeps them apart, so a selection never straddles their boundary),
 o, fc1/fc2, biases, LayerNorms, the patch convolution's output channels, and the embedding axis of the
 position embeddings and CLS token. The classifier is new. A target deeper or wider than the teacher cannot
-be selected from it and raises.
+be selected from it and raises. The teacher is any ``wave_hf.teachers.load_teacher`` input; selection reads its
+stock ViT state (Dinov2's layer scale folded in), at the requested image size (position embeddings resampled
+first, as the teacher family does).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from torch import Tensor
 from transformers import ViTForImageClassification
 
 from .. import vit_layout
-from .common import config_like, load_teacher, model_from_encoder
+from ..teachers import Teacher, load_teacher
+from .common import config_like, model_from_encoder
 from .registry import InitRequest, register_init_method
 
 
@@ -45,9 +48,10 @@ def select_tensor(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
     return out.clone() if out is tensor else out
 
 
-def select_encoder(teacher: ViTForImageClassification, shape: vit_layout.ViTShape) -> dict[str, Tensor]:
+def select_encoder(teacher: Teacher, shape: vit_layout.ViTShape) -> dict[str, Tensor]:
     """The target's encoder tensors selected from the teacher's (first ``shape.depth`` layers)."""
-    source = vit_layout.shape_of(teacher.config)
+    teacher = load_teacher(teacher)
+    source = teacher.shape
     if shape.depth > source.depth:
         raise ValueError(
             f"Weight Selection cannot build a model deeper than its teacher: depth={shape.depth}, teacher has "
@@ -64,8 +68,9 @@ def select_encoder(teacher: ViTForImageClassification, shape: vit_layout.ViTShap
                 f"Weight Selection needs the teacher's {field}: target {getattr(shape, field)}, "
                 f"teacher {getattr(source, field)}"
             )
-    teacher_state = teacher.state_dict()
-    return {key: select_tensor(teacher_state[key], target) for key, target in vit_layout.tensor_shapes(shape).items()}
+    teacher_state = teacher.encoder_state()
+    return {key: select_tensor(teacher_state[key], target) for key, target in vit_layout.tensor_shapes(shape).items()
+            if key in teacher_state}  # no q/k/v biases without qkv_bias
 
 
 @register_init_method("weight_selection", needs=("teacher",),
@@ -74,7 +79,7 @@ def weight_selection(req: InitRequest) -> ViTForImageClassification:
     """The target keeps the teacher's geometry, eps and head size; only the classifier is random (seeded).
     Heads are regrouped (a student head takes every k-th dimension across teacher heads), as in the
     original method."""
-    teacher = load_teacher(req.teacher)
+    teacher = load_teacher(req.teacher, image_size=req.image_size)
     config = config_like(teacher.config, req.depth, req.width, req.num_heads, req.num_labels, req.id2label)
     encoder_state = select_encoder(teacher, vit_layout.shape_of(config))
     return model_from_encoder(config, encoder_state, req.seed)

@@ -4,8 +4,10 @@ WAVE's fitted models see extra images before fine-tuning (the scaler fit). docs/
 that this pass, not the templates, explained much of WAVE's lead over plain Weight Selection, so the fair
 baseline gets the same pass: the same images (``training.seeded_subset`` with the same seed), the same
 steps and batches (``loop.run_loop``: AdamW without weight decay, cosine, the same seeded batch
-stream), the same loss (``CE + kd_weight * KL(p_teacher || p_model) * T^2``, as ``wave_hf.fit``), with
-every weight trainable instead of the scalers.
+stream), the same loss (``wave_hf.fit.TeacherSignal``: ``CE + kd_weight * KL(p_teacher || p_model) * T^2``,
+plus the teacher's features when it has no logits for the labels or when feature weights are set), with
+every weight trainable instead of the scalers. Features are compared through a linear map that starts at
+Weight Selection's own unit correspondence (target unit ``i`` is teacher unit ``uniform_indices(...)[i]``).
 
 The budget defaults are ``wave_hf.fit.fit_scalers``'s own, read from its signature, so the two cannot
 drift apart.
@@ -18,26 +20,19 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from transformers import ViTForImageClassification
 
-from ..distill import distillation_loss
-from ..fit import fit_scalers
+from ..fit import FeatureStudent, TeacherSignal, fit_scalers
 from ..loop import Cosine, LoopSettings, run_loop
-from ..training import (
-    check_dataset,
-    check_labels,
-    dataset_batches,
-    dataset_labels,
-    forward_output,
-    seeded_subset,
-)
-from .common import load_teacher
+from ..teachers import load_teacher
+from ..training import check_dataset, check_labels, dataset_batches, dataset_labels, seeded_subset
 from .registry import InitRequest, register_init_method
-from .weight_selection import weight_selection
+from .weight_selection import uniform_indices, weight_selection
 
 #: The budget and loss options shared with ``fit_scalers``.
-FIT_KEYS = ("max_images", "steps", "batch_size", "lr", "kd_weight", "temperature", "warmup_ratio")
+FIT_KEYS = ("max_images", "steps", "batch_size", "lr", "kd_weight", "temperature", "warmup_ratio", "teacher_head",
+            "feature_weight", "layer_weight")
 
 
 #: Every weight trains here, not a few scalers: at 4x64 and 6x128 lr 1e-3 gave a better start than 3e-3,
@@ -51,11 +46,21 @@ def fit_defaults() -> dict[str, Any]:
     return {**{k: params[k].default for k in FIT_KEYS}, "lr": ALL_WEIGHTS_LR}
 
 
+def selection_projection(width: int, teacher_width: int) -> nn.Linear:
+    """``width -> teacher_width`` map starting at Weight Selection's correspondence (unit ``i`` was selected
+    from teacher unit ``uniform_indices(teacher_width, width)[i]``)."""
+    out = nn.Linear(width, teacher_width, bias=False)
+    with torch.no_grad():
+        out.weight.zero_()
+        out.weight[uniform_indices(teacher_width, width), torch.arange(width)] = 1.0
+    return out
+
+
 def train_all_weights(
     model: ViTForImageClassification,
     train_dataset: Any,
     *,
-    teacher: ViTForImageClassification | None,
+    teacher: Any,
     seed: int = 0,
     progress: bool = False,
     **budget: Any,
@@ -68,29 +73,20 @@ def train_all_weights(
     check_dataset(train_dataset)
     data = seeded_subset(train_dataset, b["max_images"], seed)
     check_labels(dataset_labels(data), model.config.num_labels)
-    kd_weight, temperature = float(b["kd_weight"]), float(b["temperature"])
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
-        if teacher.config.num_labels != model.config.num_labels:
-            raise ValueError(f"the teacher predicts {teacher.config.num_labels} labels, the model "
-                             f"{model.config.num_labels}: distillation needs the same label space (distill=False)")
-
-    def loss_fn(m: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        x, y = batch["pixel_values"], batch["labels"]
-        logits = m(pixel_values=x).logits
-        ce = nn.functional.cross_entropy(logits, y)
-        if teacher is None or kd_weight == 0:
-            return ce
-        with torch.no_grad():
-            target = forward_output(teacher.to(x.device), x)
-        return ce + kd_weight * distillation_loss(logits, target, None, temperature=temperature, alpha=1.0)
-
+    kd_weight = float(b["kd_weight"])
+    signal = TeacherSignal.resolve(teacher if kd_weight > 0 else None, model.config, head=b["teacher_head"],
+                                   kd_weight=kd_weight, temperature=float(b["temperature"]),
+                                   feature_weight=b["feature_weight"], layer_weight=b["layer_weight"])
     model.requires_grad_(True)
+    trained = signal.student(model, lambda: selection_projection(model.config.hidden_size,
+                                                                 signal.teacher.shape.width))
     settings = LoopSettings(steps=b["steps"], lr=float(b["lr"]), batch_size=b["batch_size"],
                             schedule=Cosine(int(b["warmup_ratio"] * b["steps"])), seed=seed, progress=progress,
                             desc="weight selection (matched)")
-    groups = [{"params": list(model.parameters()), "weight_decay": 0.0}]
-    model, _ = run_loop(model, groups, dataset_batches(data, settings), loss_fn, settings)
+    groups = [{"params": list(trained.parameters()), "weight_decay": 0.0}]
+    trained, _ = run_loop(trained, groups, dataset_batches(data, settings), signal.loss_fn(model.config.num_hidden_layers),
+                          settings)
+    model = trained.model if isinstance(trained, FeatureStudent) else trained
     model.eval()
     return model
 
@@ -103,7 +99,7 @@ def weight_selection_matched(req: InitRequest) -> ViTForImageClassification:
     WAVE's fit must be run the same way. ``FIT_KEYS`` options override ``fit_scalers``' defaults; pass the
     same ones to ``wave_fitted``."""
     opts = req.options
-    teacher = load_teacher(req.teacher)
+    teacher = load_teacher(req.teacher, image_size=req.image_size)
     model = weight_selection(replace(req, teacher=teacher, options={}))
     budget = {k: opts[k] for k in FIT_KEYS if k in opts}
     return train_all_weights(model, req.train_dataset, teacher=teacher if opts.get("distill", True) else None,
