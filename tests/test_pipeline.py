@@ -41,12 +41,12 @@ def images(tmp_path, size: int) -> list[str]:
     return paths
 
 
-def expected(model: ViTForImageClassification, paths: list[str]) -> list[dict[str, float]]:
+def expected(model: ViTForImageClassification, paths: list[str], prep=None) -> list[dict[str, float]]:
     """Label -> probability through wave_hf.data's own preprocessing."""
     c = model.config
     out = []
     for path in paths:
-        x = _to_pixels(Image.open(path), c.image_size, c.num_channels)[None]
+        x = _to_pixels(Image.open(path), c.image_size, c.num_channels, prep)[None]
         with torch.no_grad():
             probs = model(pixel_values=x).logits.softmax(-1)[0]
         out.append({c.id2label[i]: float(p) for i, p in enumerate(probs)})
@@ -104,6 +104,25 @@ def test_merged_task_model_runs_in_a_pipeline_as_trained(tmp_path):
     folder = save_for_pipeline(task_model, tmp_path / "bags", origin="test merge")
     paths = images(tmp_path, 28)
     assert_same_predictions(run_pipeline(folder, paths), expected(task_model, paths))
+
+
+@pytest.mark.slow
+def test_teacher_preprocessing_travels_from_the_bank_to_the_pipeline(tmp_path):
+    from conftest import tiny_config
+
+    from wave_hf import TemplateBank
+    from wave_hf.data import Preprocessing
+
+    torch.manual_seed(0)
+    cfg = tiny_config(num_channels=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    init = WaveInitializer(TemplateBank(cfg))
+    model = init.build(2, 32, num_heads=2, id2label={0: "shirt", 1: "shoe", 2: "bag"})
+    prep = Preprocessing.from_config(init.config)
+    folder = save_for_pipeline(model, tmp_path / "vit", preprocessing=prep)
+    saved = json.loads((folder / "preprocessor_config.json").read_text())
+    assert saved["image_mean"] == [0.485, 0.456, 0.406] and saved["image_std"] == [0.229, 0.224, 0.225]
+    paths = images(tmp_path, 28)
+    assert_same_predictions(run_pipeline(folder, paths), expected(model, paths, prep))
 
 
 def test_default_bank_build_has_a_pipeline_card(tmp_path):

@@ -88,14 +88,16 @@ def _load(args) -> Any:
     return WaveInitializer.from_pretrained(args.templates, revision=args.revision)
 
 
-def _save_model(model, args: argparse.Namespace, **card: Any) -> dict:
-    """A pipeline-ready folder (RGB input, image processor, card): see ``wave_hf.export``."""
+def _save_model(model, args: argparse.Namespace, init_config: Any, **card: Any) -> dict:
+    """A pipeline-ready folder (RGB input, the bank's image processor, card): see ``wave_hf.export``."""
+    from .data import Preprocessing
     from .export import rgb_model, write_model_folder
     from .io import mark_output, publish_dir
 
     origin = f"wave-hf {args.command} from {args.templates}"
     with publish_dir(args.out) as tmp:
-        write_model_folder(model, tmp, origin=origin, base_model=args.templates, **card)
+        write_model_folder(model, tmp, origin=origin, base_model=args.templates,
+                           preprocessing=Preprocessing.from_config(init_config), **card)
     mark_output(args.out, args.command)
     return {"parameters": sum(p.numel() for p in rgb_model(model).parameters()), "input": f"RGB {model.config.image_size}px" + (" (grey model, channels averaged exactly)"
                                                             if model.config.num_channels == 1 else "")}
@@ -125,7 +127,7 @@ def cmd_build(args) -> dict:
     init = _load(args)
     model = init.build(args.depth, args.width, num_heads=args.num_heads, num_labels=args.num_labels, seed=args.seed,
                        image_size=args.image_size)
-    saved = _save_model(model, args)
+    saved = _save_model(model, args, init.config)
     return {"out": args.out, "depth": args.depth, "width": args.width, "num_heads": model.config.num_attention_heads, **saved}
 
 
@@ -173,7 +175,7 @@ def cmd_train(args) -> dict:
         train = train.shuffle(seed=args.seed).select(range(min(args.train_limit, len(train))))
     finetune(model, train, epochs=args.epochs, learning_rate=args.lr, seed=args.seed)
     acc = evaluate(model, data["test"])
-    saved = _save_model(model, args, accuracy=acc, dataset=args.data)
+    saved = _save_model(model, args, init.config, accuracy=acc, dataset=args.data)
     return {"out": args.out, "test_accuracy": acc, **saved}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import ViTForImageClassification
 
-from .data import load_image_dataset
+from .data import Preprocessing, load_image_dataset
 from .export import save_for_pipeline
 from .fit import fit_model
 from .initializer import WaveInitializer
@@ -22,8 +22,10 @@ from .train import evaluate, finetune
 SIZES = [(4, 64), (6, 128), (6, 256)]
 
 
-def _save(model: ViTForImageClassification, folder: Path, origin: str, accuracy: float) -> None:
-    save_for_pipeline(model, folder, origin=origin, accuracy=accuracy, dataset="fashion_mnist")
+def _save(model: ViTForImageClassification, folder: Path, origin: str, accuracy: float, init: WaveInitializer
+          ) -> None:
+    save_for_pipeline(model, folder, origin=origin, accuracy=accuracy, dataset="fashion_mnist",
+                      preprocessing=Preprocessing.from_config(init.config))
 
 
 def run_demo(out: str = "outputs/demo", quick: bool = False, seed: int = 0, bank: str = "default",
@@ -71,8 +73,8 @@ def _run(out: str, quick: bool, seed: int, bank: str, progress: bool) -> dict:
         random_acc = evaluate(random, data["test"])
         random_s = time.perf_counter() - t0
 
-        _save(wave, out_dir / f"wave-{depth}x{width}", f"WAVE bank {bank}, fitted and fine-tuned", wave_acc)
-        _save(random, out_dir / f"random-{depth}x{width}", "random init, fine-tuned", random_acc)
+        _save(wave, out_dir / f"wave-{depth}x{width}", f"WAVE bank {bank}, fitted and fine-tuned", wave_acc, init)
+        _save(random, out_dir / f"random-{depth}x{width}", "random init, fine-tuned", random_acc, init)
         rows.append({"size": f"{depth}x{width}", "params": sum(p.numel() for p in wave.parameters()),
                      "wave_after_fit": wave_start, "wave": wave_acc, "random": random_acc,
                      "wave_seconds": wave_s, "random_seconds": random_s})

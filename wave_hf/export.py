@@ -5,7 +5,7 @@ no stock processor turns RGB back into one channel. A grey (1-channel) model is 
 RGB model whose patch embedding is the grey one divided by three on each channel: on a grey image
 replicated to RGB it computes exactly what the grey model computes (up to float rounding), and on a colour
 image it sees the channel mean, which is what ``wave_hf.data`` feeds a grey model. The saved
-``ViTImageProcessor`` (resize, ``/255``, mean and std 0.5) is the normalisation of ``wave_hf.data``.
+``ViTImageProcessor`` (resize, ``/255``, the bank's mean and std) is the normalisation of ``wave_hf.data``.
 """
 
 from __future__ import annotations
@@ -22,18 +22,24 @@ from transformers.image_utils import PILImageResampling
 
 from . import cards
 from . import vit_layout as L
+from .data import Preprocessing
 from .io import publish_dir, require_finite
 
-#: ``wave_hf.data`` scales pixels to [-1, 1]: ``(x / 255 - 0.5) / 0.5``.
-MEAN = STD = 0.5
+_RESAMPLE = {"nearest": PILImageResampling.NEAREST, "bilinear": PILImageResampling.BILINEAR,
+             "bicubic": PILImageResampling.BICUBIC}
 
 
-def image_processor(image_size: int, num_channels: int = 3) -> ViTImageProcessorPil:
-    """The processor that reproduces ``wave_hf.data``'s preprocessing (the PIL backend: no torchvision)."""
+def image_processor(image_size: int, preprocessing: Preprocessing | None = None) -> ViTImageProcessorPil:
+    """The RGB processor that reproduces ``wave_hf.data``'s preprocessing (the PIL backend: no torchvision).
+
+    ``preprocessing`` is the bank's (its teacher's mean, std and resize filter); by default wave-hf's own
+    ``(x / 255 - 0.5) / 0.5``. A grey pair is spread over the three channels, as the RGB fold needs.
+    """
+    prep = (preprocessing or Preprocessing()).for_channels(3)
     return ViTImageProcessorPil(
-        do_resize=True, size={"height": image_size, "width": image_size}, resample=PILImageResampling.BILINEAR,
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[MEAN] * num_channels,
-        image_std=[STD] * num_channels, do_convert_rgb=num_channels == 3,
+        do_resize=True, size={"height": image_size, "width": image_size}, resample=_RESAMPLE[prep.resample],
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(prep.image_mean),
+        image_std=list(prep.image_std), do_convert_rgb=True,
     )
 
 
@@ -84,22 +90,24 @@ def model_card(model: ViTForImageClassification, *, origin: str, repo_id: str = 
     )
 
 
-def write_model_folder(model: ViTForImageClassification, folder: Path, *, origin: str, **card: Any) -> None:
+def write_model_folder(model: ViTForImageClassification, folder: Path, *, origin: str,
+                       preprocessing: Preprocessing | None = None, **card: Any) -> None:
     """Write a pipeline-ready folder into ``folder`` (a staging folder: callers publish it)."""
     ready = rgb_model(model)
     require_finite(ready.state_dict().items(), "the model")
     ready.save_pretrained(folder)
-    image_processor(ready.config.image_size).save_pretrained(folder)
+    image_processor(ready.config.image_size, preprocessing).save_pretrained(folder)
     model_card(ready, origin=origin, grey_fold=model.config.num_channels == 1, **card).save(folder / "README.md")
 
 
 def save_for_pipeline(model: ViTForImageClassification, save_directory: str | os.PathLike, *,
-                      origin: str = "wave-hf", **card: Any) -> Path:
+                      origin: str = "wave-hf", preprocessing: Preprocessing | None = None, **card: Any) -> Path:
     """Save ``model`` so that ``pipeline("image-classification", model=save_directory)`` runs it as trained.
 
-    ``card`` takes ``accuracy``, ``dataset``, ``base_model`` (a Hub repo id) and ``repo_id`` for the card.
+    ``preprocessing`` is what the model was trained with (``Preprocessing.from_config(bank_config)`` for a
+    model built from a bank; wave-hf's default otherwise). ``card`` takes ``accuracy``, ``dataset``, ``base_model`` (a Hub repo id) and ``repo_id`` for the card.
     Other files in ``save_directory`` are kept; each file lands atomically.
     """
     with publish_dir(save_directory) as tmp:
-        write_model_folder(model, tmp, origin=origin, **card)
+        write_model_folder(model, tmp, origin=origin, preprocessing=preprocessing, **card)
     return Path(save_directory)
