@@ -22,7 +22,6 @@ Writes ``benchmarks/results/pipeline.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import platform
 import sys
@@ -235,9 +234,9 @@ def main() -> None:
 
     subset = seeded_subset(train, args.fit_images, args.seed)
     fit_kw = dict(max_images=args.fit_images, steps=args.fit_steps, batch_size=64, seed=args.seed)  # lrs: fit's defaults
-    from wave_hf.fit import fit_scalers
+    from wave_hf.fit import FitConfig
 
-    lrs = {k: inspect.signature(fit_scalers).parameters[k].default for k in ("lr", "vectors_lr")}
+    lrs = {k: getattr(FitConfig(), k) for k in ("lr", "vectors_lr")}
     res["fit"] = {**fit_kw, "lr": lrs["lr"], "vectors_lr": lrs["vectors_lr"] or lrs["lr"] / 10,
                   "kd": "ancestry, kd_weight 1.0"}
     res["sizes"] = []

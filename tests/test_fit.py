@@ -161,11 +161,11 @@ def test_bad_inputs_raise_clear_errors(setup):
         fit_scalers(init, 2, 32, no_labels, **KW)
     with pytest.raises(ValueError, match=r"label 3, outside the accepted range \[0, 2\]"):
         fit_scalers(init, 2, 32, labelled(24, 4, class_label=False), num_labels=3, **{**KW, "max_images": None})
-    with pytest.raises(ValueError, match="max_images must be an int >= 1"):
+    with pytest.raises(ValueError, match="max_images must be >= 1, got 0"):
         fit_scalers(init, 2, 32, data, num_labels=4, **{**KW, "max_images": 0})
     with pytest.raises(ValueError, match="width=40 must be a positive multiple"):
         fit_scalers(init, 2, 40, data, num_labels=4, **KW)
-    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"lr must be a finite number > 0.*got -1.0"):
         fit_scalers(init, 2, 32, data, num_labels=4, **{**KW, "lr": -1.0})
     with pytest.raises(ValueError, match="teacher predicts 4 labels"):  # "auto" would teach by features
         fit_scalers(init, 2, 32, labelled(8, 3), teacher=init.build(3, 48, num_labels=4), teacher_head="logits",
@@ -191,3 +191,24 @@ def test_two_processes_match_one(setup, tmp_path):
     two = Scalers.load(out, init.config)
     diff = max((a - b).abs().max().item() for a, b in zip(one.state_dict().values(), two.state_dict().values()))
     assert diff < 1e-5
+
+
+def test_fit_config_is_one_object_stored_with_the_scalers(setup, tmp_path):
+    import json
+
+    from wave_hf.fit import FitConfig
+
+    init, data = setup
+    config = FitConfig(steps=3, batch_size=8, max_images=16, lowrank_rank=2)
+    assert FitConfig(**json.loads(json.dumps(config.to_dict()))) == config  # round-trips through JSON
+    scalers = init.fit_scalers(2, 32, data, config, num_labels=4, progress=False)
+    assert scalers.fit_config == config.to_dict()
+    init.save_pretrained(tmp_path / "bank")
+    again = WaveInitializer.from_pretrained(tmp_path / "bank").fitted[(2, 32, scalers.num_heads)]
+    assert again.fit_config == config.to_dict()
+    # keywords override the object; a typo is named with the accepted fields
+    assert init.fit_scalers(2, 32, data, config, steps=2, num_labels=4, progress=False).fit_config["steps"] == 2
+    with pytest.raises(TypeError, match=r"unknown options \['stepz'\]"):
+        init.fit_scalers(2, 32, data, config, stepz=2, num_labels=4)
+    with pytest.raises(ValueError, match="lowrank_rank must be >= 0, got -1"):
+        FitConfig(lowrank_rank=-1)

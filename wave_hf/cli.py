@@ -11,9 +11,13 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from typing import Any
 
+from transformers import HfArgumentParser
+
 from .cli_options import float_arg, int_arg, output_args, prepare_out
+from .fit import FitConfig
 
 EXAMPLES = """examples:
   wave-hf info default
@@ -37,7 +41,13 @@ class UsageError(Exception):
         self.prog = prog
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(HfArgumentParser):
+    """transformers' parser (a job's config dataclass becomes its flags, with their help) whose errors are
+    raised, not printed, so that ``--json`` can report them."""
+
+    def __init__(self, dataclass_types: Any = None, **kwargs: Any):
+        super().__init__(dataclass_types or [], **kwargs)
+
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(self.prog, message)
 
@@ -145,15 +155,14 @@ def cmd_fit(args) -> dict:
     prepare_out(args, args.templates, args.data, getattr(args, "checkpoint_dir", None))
     init = _load(args)
     data = _dataset(args, init)
-    scalers = init.fit_scalers(args.depth, args.width, data["train"], num_heads=args.num_heads,
-                               max_images=args.max_images, steps=args.steps, seed=args.seed,
-                               lowrank_rank=args.lowrank_rank, output_dir=args.checkpoint_dir,
-                               image_size=args.image_size, teacher=args.teacher, teacher_head=args.teacher_head,
-                               feature_weight=args.feature_weight, layer_weight=args.layer_weight or 0.0)
+    config = FitConfig(**{f.name: getattr(args, f.name) for f in fields(FitConfig)})
+    scalers = init.fit_scalers(args.depth, args.width, data["train"], config, num_heads=args.num_heads,
+                               seed=args.seed, output_dir=args.checkpoint_dir, image_size=args.image_size,
+                               teacher=args.teacher)
     init.save_pretrained(args.out)
     mark_output(args.out, args.command)
     return {"out": args.out, "scalers": f"{scalers.depth}x{scalers.width}",
-            "parameters": sum(p.numel() for p in scalers.parameters())}
+            "parameters": sum(p.numel() for p in scalers.parameters()), "config": config.to_dict()}
 
 
 def cmd_train(args) -> dict:
@@ -246,13 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = add("fit", help="fit scalers for one size (templates frozen) and save them with the bank",
-            epilog="example: wave-hf fit --templates default --depth 6 --width 128 --data fashion_mnist --out my-bank")
+            epilog="example: wave-hf fit --templates default --depth 6 --width 128 --data fashion_mnist --out my-bank",
+            dataclass_types=[FitConfig])  # every FitConfig field is a flag, with its help
     _target_args(p, data=True)
-    p.add_argument("--max-images", type=int_arg(1), default=1000)
-    p.add_argument("--steps", type=int_arg(1), default=300)
-    p.add_argument("--lowrank-rank", type=int_arg(0), default=0,
-                   help="also fit a per-size low-rank correction of this rank (0: off; folded exactly)")
-    _teacher_args(p, required=False)
+    p.add_argument("--teacher", default=None, help="ViT, DeiT or Dinov2 model folder or repo id (default: none)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="resumable checkpoints (safetensors + JSON, no pickle): rerun the same command to resume")
     output_args(p, what="bank folder to write (bank + scalers/)")

@@ -21,10 +21,9 @@ full fine-tuning.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,9 +38,72 @@ from .loop import Cosine, LoopResult, LoopSettings, run_loop
 from .scalers import Scalers, check_lowrank_rank, check_size
 from .teachers import Teacher, check_head, load_teacher
 from .templates import TemplateBank
+from .validation import check_float, check_int, check_optional_int
 
 if TYPE_CHECKING:
     from .initializer import WaveInitializer
+
+
+@dataclass
+class FitConfig:
+    """How stage 2 fits one size: the job's options, validated once, stored with the scalers they made
+    (``Scalers.fit_config``) and turned into the ``wave-hf fit`` flags (``transformers.HfArgumentParser``).
+
+    What the run is about (size, data, teacher, seed, checkpoint folder) stays an argument of ``fit_scalers``.
+    """
+
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "global batch (split over accelerate processes)"})
+    max_images: int | None = field(default=1000, metadata={"help": "fit on a seeded subset of this many images"})
+    lr: float = field(default=1e-2, metadata={"help": "lr of the scalers and the head"})
+    vectors_lr: float | None = field(default=None, metadata={
+        "help": "lr of the vector templates and low-rank factors (default lr / 10)"})
+    kd_weight: float = field(default=1.0, metadata={"help": "weight of the teacher's signal (0: CE only)"})
+    temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
+    train_vectors: bool = field(default=True, metadata={"help": "also train the per-size vector templates"})
+    lowrank_rank: int = field(default=0, metadata={
+        "help": "rank of a per-size low-rank correction of every matrix (0: off; folded exactly)"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "linear warm-up, a fraction of the steps"})
+    teacher_head: str = field(default="auto", metadata={
+        "choices": ["auto", "logits", "none"],
+        "help": "auto: use the teacher's logits when its head knows these labels, else its features"})
+    feature_weight: float | None = field(default=None, metadata={
+        "help": "weight of the final-feature loss (default: 1 for a headless teacher, else 0)"})
+    layer_weight: float = field(default=0.0, metadata={"help": "weight of the layer-wise feature loss"})
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+
+    def __post_init__(self) -> None:
+        self.steps = check_int("steps", self.steps, 1)
+        self.batch_size = check_int("batch_size", self.batch_size, 1)
+        self.max_images = check_optional_int("max_images", self.max_images, 1)
+        self.lr = check_float("lr", self.lr, 0.0, low_open=True)
+        self.vectors_lr = None if self.vectors_lr is None else check_float("vectors_lr", self.vectors_lr, 0.0,
+                                                                            low_open=True)
+        self.kd_weight = check_float("kd_weight", self.kd_weight, 0.0)
+        self.temperature = check_float("temperature", self.temperature, 0.0, low_open=True)
+        if not isinstance(self.train_vectors, bool):
+            raise TypeError(f"train_vectors must be a bool, got {self.train_vectors!r}")
+        self.lowrank_rank = check_int("lowrank_rank", self.lowrank_rank, 0)
+        self.warmup_ratio = check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
+        self.teacher_head = check_head(self.teacher_head)
+        self.feature_weight = None if self.feature_weight is None else check_float(
+            "feature_weight", self.feature_weight, 0.0)
+        self.layer_weight = check_float("layer_weight", self.layer_weight, 0.0)
+        self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, 0)
+
+    @classmethod
+    def from_options(cls, config: FitConfig | None, options: dict[str, Any]) -> FitConfig:
+        """``config`` (default: the defaults) with ``options`` replaced; an unknown option is named."""
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(f"config must be a FitConfig, got {type(config).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"fit got unknown options {unknown}; FitConfig fields: {names}")
+        return replace(config or cls(), **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _fit(
@@ -282,30 +344,18 @@ def fit_scalers(
     depth: int,
     width: int,
     train_dataset: Any,
+    config: FitConfig | None = None,
     *,
     num_heads: int | None = None,
     num_labels: int | None = None,
     id2label: dict[int, str] | None = None,
     teacher: str | os.PathLike | Teacher | None = None,
-    teacher_head: str = "auto",
-    feature_weight: float | None = None,
-    layer_weight: float = 0.0,
     image_size: int | None = None,
-    max_images: int | None = 1000,
-    steps: int = 300,
-    batch_size: int = 64,
-    lr: float = 1e-2,
-    vectors_lr: float | None = None,
-    kd_weight: float = 1.0,
-    temperature: float = 1.0,
-    train_vectors: bool = True,
-    lowrank_rank: int = 0,
-    warmup_ratio: float = 0.0,
     seed: int = 0,
     output_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 100,
     max_steps: int | None = None,
     progress: bool = True,
+    **options: Any,
 ) -> Scalers:
     """Fit new ``Scalers`` for ``(depth, width, num_heads)`` on at most ``max_images`` images (stage 2).
 
@@ -351,27 +401,29 @@ def fit_scalers(
     Returns a detached ``Scalers`` for ``WaveInitializer.build(..., scalers=...)``. The head trained with
     it is discarded (``build`` makes a new one); use ``fit_model`` to keep it.
     """
+    cfg = FitConfig.from_options(config, options)
     model, _ = _fit(initializer, depth, width, train_dataset, num_heads=num_heads, num_labels=num_labels,
-                    id2label=id2label, teacher=teacher, teacher_head=teacher_head, feature_weight=feature_weight,
-                    layer_weight=layer_weight, image_size=image_size, max_images=max_images, steps=steps,
-                    batch_size=batch_size,
-                    lr=lr, vectors_lr=vectors_lr, kd_weight=kd_weight, temperature=temperature, train_vectors=train_vectors,
-                    lowrank_rank=lowrank_rank, warmup_ratio=warmup_ratio, seed=seed, output_dir=output_dir,
-                    checkpoint_every=checkpoint_every, max_steps=max_steps, progress=progress)
-    return _detached(initializer.config, model.wave_source.scalers)
+                    id2label=id2label, teacher=teacher, image_size=image_size, seed=seed, output_dir=output_dir,
+                    max_steps=max_steps, progress=progress, **cfg.to_dict())
+    scalers = _detached(initializer.config, model.wave_source.scalers)
+    scalers.fit_config = cfg.to_dict()
+    return scalers
 
 
 def fit_model(initializer: WaveInitializer, depth: int, width: int, train_dataset: Any,
-              **kwargs: Any) -> ViTForImageClassification:
-    """``fit_scalers`` (same keywords), then ``fold``: a plain ``ViTForImageClassification`` with the fitted encoder *and*
-    the fitted head, every weight trainable, ready for ``wave_hf.train.finetune``."""
-    options = {**_fit_defaults(), **kwargs}  # fit_scalers' keywords and defaults, one source of truth
-    model, _ = _fit(initializer, depth, width, train_dataset, **options)
+              config: FitConfig | None = None, **kwargs: Any) -> ViTForImageClassification:
+    """``fit_scalers`` (same arguments), then ``fold``: a plain ``ViTForImageClassification`` with the fitted
+    encoder *and* the fitted head, every weight trainable, ready for ``wave_hf.train.finetune``."""
+    run = {k: kwargs.pop(k) for k in _RUN_ARGS if k in kwargs}
+    cfg = FitConfig.from_options(config, kwargs)
+    model, _ = _fit(initializer, depth, width, train_dataset, **{**_RUN_DEFAULTS, **run}, **cfg.to_dict())
     model = fold(model)
     model.eval()
     return model
 
 
-def _fit_defaults() -> dict[str, Any]:
-    params = inspect.signature(fit_scalers).parameters
-    return {name: p.default for name, p in params.items() if p.kind is p.KEYWORD_ONLY}
+#: ``fit_scalers``' run arguments (what the fit is about, not how it fits) and their defaults.
+_RUN_DEFAULTS: dict[str, Any] = {"num_heads": None, "num_labels": None, "id2label": None, "teacher": None,
+                                 "image_size": None, "seed": 0, "output_dir": None, "max_steps": None,
+                                 "progress": True}
+_RUN_ARGS = tuple(_RUN_DEFAULTS)

@@ -269,14 +269,15 @@ class WaveInitializer(HubMixin, library_name="wave-hf", tags=["wave-hf", "wave",
         return parametrize_vit(self.config_at(vit_config.image_size), self.bank.templates, trainable, vit_config,
                                seed=seed)
 
-    def fit_scalers(self, depth: int, width: int, train_dataset, **kwargs) -> Scalers:
+    def fit_scalers(self, depth: int, width: int, train_dataset: Any, config: Any = None, **kwargs: Any) -> Scalers:
         """Fit new scalers for one size on a little data, templates frozen (stage 2; see ``wave_hf.fit``).
 
-        The result is also kept with the bank (``add_scalers``), so ``build`` and ``save_pretrained`` use it.
+        ``config`` is a ``wave_hf.fit.FitConfig`` (its fields may also be given as keywords). The result is
+        also kept with the bank (``add_scalers``), so ``build`` and ``save_pretrained`` use it.
         """
         from .fit import fit_scalers
 
-        scalers = fit_scalers(self, depth, width, train_dataset, **kwargs)
+        scalers = fit_scalers(self, depth, width, train_dataset, config, **kwargs)
         self.add_scalers(scalers)
         return scalers
 

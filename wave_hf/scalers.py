@@ -16,6 +16,7 @@ Three groups, all small, and an optional fourth:
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -129,6 +130,7 @@ class Scalers(nn.Module):
         super().__init__()
         depth, width, self.num_heads = check_target_size(config, depth, width, num_heads)
         self.lowrank_rank = check_lowrank_rank(lowrank_rank, width)
+        self.fit_config: dict | None = None  # set by wave_hf.fit: how these scalers were fitted
         check_memory(4 * self.num_elements(config, depth, width, self.lowrank_rank),
                      f"scalers for depth={depth}, width={width}")
         self.depth, self.width = depth, width
@@ -287,6 +289,8 @@ class Scalers(nn.Module):
                 "num_heads": str(self.num_heads), "template_width": str(self.template_width)}
         if self.lowrank_rank:  # rank 0 writes exactly the files written before the correction existed
             meta["lowrank_rank"] = str(self.lowrank_rank)
+        if self.fit_config:  # the FitConfig that made them, so a bank says how each size was fitted
+            meta["fit_config"] = json.dumps(self.fit_config, sort_keys=True)
         path = os.fspath(path)
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
@@ -354,9 +358,23 @@ class Scalers(nn.Module):
             raise OSError(f"{path} is not a readable safetensors file ({err})") from err
         out.load_state_dict(tensors)
         out.check_finite(path)
+        out.fit_config = _read_fit_config(path, meta.get("fit_config"))
         return out
 
     @staticmethod
     def filename(depth: int, width: int, num_heads: int) -> str:
         return f"scalers/depth{depth}-width{width}-heads{num_heads}.safetensors"
 
+
+def _read_fit_config(path: str, raw: str | None) -> dict | None:
+    """The stored ``FitConfig`` as a plain dict (untrusted: a JSON object of names to scalars, or nothing)."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw) if len(raw) <= 65536 else None
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str))) for k, v in value.items()):
+        raise ValueError(f"{path}: metadata fit_config is not a JSON object of option names to values")
+    return value

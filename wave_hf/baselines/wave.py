@@ -9,20 +9,17 @@ scalers and give the same bits.
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import fields
 from typing import Any
 
 from transformers import ViTForImageClassification
 
-from ..fit import fit_model, fit_scalers
+from ..fit import FitConfig, fit_model
 from ..scalers import Scalers
 from .registry import InitRequest, register_init_method
 
-#: ``fit_scalers``' keywords (``fit_model`` takes the same), minus the request's own fields, plus ``distill``.
-FIT_OPTIONS = tuple(
-    name for name, p in inspect.signature(fit_scalers).parameters.items()
-    if p.kind is p.KEYWORD_ONLY and name not in ("num_heads", "num_labels", "id2label", "teacher", "seed", "image_size")
-) + ("distill",)
+#: ``FitConfig``'s fields, the fit's run arguments that the request does not hold, and ``distill``.
+FIT_OPTIONS = tuple(f.name for f in fields(FitConfig)) + ("output_dir", "max_steps", "progress", "distill")
 
 
 def default_scalers(initializer: Any, depth: int, width: int, num_heads: int | None, seed: int) -> Scalers:

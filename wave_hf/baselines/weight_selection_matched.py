@@ -9,13 +9,12 @@ plus the teacher's features when it has no logits for the labels or when feature
 every weight trainable instead of the scalers. Features are compared through a linear map that starts at
 Weight Selection's own unit correspondence (target unit ``i`` is teacher unit ``uniform_indices(...)[i]``).
 
-The budget defaults are ``wave_hf.fit.fit_scalers``'s own, read from its signature, so the two cannot
+The budget defaults are ``wave_hf.fit.FitConfig``'s own, so the two cannot
 drift apart.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import replace
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 from transformers import ViTForImageClassification
 
-from ..fit import FeatureStudent, TeacherSignal, fit_scalers
+from ..fit import FeatureStudent, FitConfig, TeacherSignal
 from ..loop import Cosine, LoopSettings, run_loop
 from ..teachers import load_teacher
 from ..training import check_dataset, check_labels, dataset_batches, dataset_labels, seeded_subset
@@ -41,9 +40,9 @@ ALL_WEIGHTS_LR = 1e-3
 
 
 def fit_defaults() -> dict[str, Any]:
-    """``fit_scalers``' defaults for ``FIT_KEYS``, except the learning rate (``ALL_WEIGHTS_LR``)."""
-    params = inspect.signature(fit_scalers).parameters
-    return {**{k: params[k].default for k in FIT_KEYS}, "lr": ALL_WEIGHTS_LR}
+    """``FitConfig``'s defaults for ``FIT_KEYS``, except the learning rate (``ALL_WEIGHTS_LR``)."""
+    defaults = FitConfig().to_dict()
+    return {**{k: defaults[k] for k in FIT_KEYS}, "lr": ALL_WEIGHTS_LR}
 
 
 def selection_projection(width: int, teacher_width: int) -> nn.Linear:
