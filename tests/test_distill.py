@@ -204,8 +204,10 @@ def test_bad_inputs_raise_clear_errors():
         distill(teacher, wide, config=config, steps=1, batch_size=8, progress=False)
     with pytest.raises(ValueError, match="init must be one of"):
         distill(teacher, data, config=config, init="random", steps=1, progress=False)
-    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         distill(teacher, data, config=config, steps=0, progress=False)
+    with pytest.raises(TypeError, match=r"unknown options \['stepz'\]"):
+        distill(teacher, data, config=config, stepz=1, progress=False)
     with pytest.raises(ValueError, match="alpha"):
         distill(teacher, data, config=config, alpha=1.5, steps=1, progress=False)
     with pytest.raises(ValueError, match="template_width=64 must divide"):

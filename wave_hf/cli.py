@@ -17,6 +17,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from .cli_options import float_arg, int_arg, output_args, prepare_out
+from .distill import DistillConfig
 from .fit import FitConfig
 
 EXAMPLES = """examples:
@@ -69,22 +70,6 @@ def _target_args(p: argparse.ArgumentParser, *, data: bool = False) -> None:
 def _image_size_arg(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--image-size", type=int_arg(1), default=None,
                    help=f"input size in pixels, a multiple of the patch size (default: {default})")
-
-
-def _teacher_args(p: argparse.ArgumentParser, required: bool) -> None:
-    """The teacher, how its head is used, and the feature-loss weights (distill and fit)."""
-    p.add_argument("--teacher", required=required, default=None,
-                   help="ViT, DeiT or Dinov2 model folder or repo id" + ("" if required else " (default: none)"))
-    p.add_argument("--teacher-head", choices=["auto", "logits", "none"], default="auto",
-                   help="auto (default): distil the teacher's logits when its checkpoint has a trained classifier "
-                        "over the data's labels, else (no classifier, one missing from the checkpoint, or one over "
-                        "other labels, with a warning) distil its features only; logits: require that head; none: "
-                        "ignore any head and distil features")
-    p.add_argument("--feature-weight", type=float_arg(0, inclusive=True), default=None,
-                   help="weight of the final CLS feature loss (default: 1 without teacher logits, else 0)")
-    p.add_argument("--layer-weight", type=float_arg(0, inclusive=True), default=None,
-                   help="weight of the layer-wise loss, every block's output (distill default: 1 without "
-                        "teacher logits, else 0; fit default: 0)")
 
 
 def _data_arg(p: argparse.ArgumentParser) -> None:
@@ -195,15 +180,14 @@ def cmd_distill(args) -> dict:
     from .teachers import load_teacher
 
     prepare_out(args, args.teacher, args.data, args.checkpoint_dir)
-    teacher = load_teacher(args.teacher, image_size=args.image_size, head=args.teacher_head)
+    settings = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
+    teacher = load_teacher(args.teacher, image_size=args.image_size, head=settings.teacher_head)
     c = teacher.config
     data = load_image_dataset(args.data, image_size=c.image_size, num_channels=c.num_channels, seed=args.seed,
                               preprocessing=teacher.preprocessing)
     config = config_from_teacher(teacher, template_width=args.template_width, num_templates=args.num_templates)
-    bank = distill(teacher, data["train"], config=config, steps=args.steps, seed=args.seed, init=args.init,
-                   teacher_head=args.teacher_head, alpha=args.alpha, lr=args.lr, batch_size=args.batch_size,
-                   feature_weight=args.feature_weight, layer_weight=args.layer_weight,
-                   eval_dataset=data["test"], dataset_name=args.data, output_dir=args.checkpoint_dir)
+    bank = distill(teacher, data["train"], settings, config=config, seed=args.seed, eval_dataset=data["test"],
+                   dataset_name=args.data, output_dir=args.checkpoint_dir)
     bank.save_pretrained(args.out)
     mark_output(args.out, args.command)
     return {"out": args.out, "metrics": bank.config.metrics}
@@ -275,20 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = add("distill", help="distill a template bank from a teacher ViT (stage 1)",
-            epilog="example: wave-hf distill --teacher path/to/vit --data fashion_mnist --out my-bank")
-    _teacher_args(p, required=True)
+            epilog="example: wave-hf distill --teacher path/to/vit --data fashion_mnist --out my-bank",
+            dataclass_types=[DistillConfig])  # every DistillConfig field is a flag, with its help
+    p.add_argument("--teacher", required=True, help="ViT, DeiT or Dinov2 model folder or repo id")
     _image_size_arg(p, "the teacher's; its position embeddings are resampled once")
     _data_arg(p)
-    p.add_argument("--steps", type=int_arg(1), default=2000)
-    p.add_argument("--batch-size", type=int_arg(1), default=64)
-    p.add_argument("--lr", type=float_arg(0), default=None, help="AdamW peak learning rate (default 5e-4)")
     p.add_argument("--template-width", type=int_arg(1), default=64,
                    help="template width D_T, a divisor of the teacher's width and of every width you will build")
     p.add_argument("--num-templates", type=int_arg(1), default=6, help="matrix templates per type (capacity)")
-    p.add_argument("--alpha", type=float_arg(0, inclusive=True), default=None,
-                   help="weight of the teacher's signal vs the labels' cross-entropy, in [0, 1] (default 0.5 "
-                        "with teacher logits, 1 without)")
-    p.add_argument("--init", choices=["teacher", "scratch"], default="teacher")
     p.add_argument("--checkpoint-dir", default=None, help="resumable checkpoints (safetensors + JSON, no pickle)")
     p.add_argument("--seed", type=int_arg(0), default=0)
     output_args(p)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ from .training import (
     dataset_num_labels,
     predict,
 )
+from .validation import JobConfig, check_float, check_int
 
 logger = logging.get_logger(__name__)
 
@@ -314,30 +316,67 @@ def check_weight(name: str, value: float | None, default: float) -> float:
     return default if value is None else check_positive(name, value, allow_zero=True)
 
 
+@dataclass
+class DistillConfig(JobConfig):
+    """How stage 1 distils: the job's options, validated once, recorded in the bank's metrics
+    (``distill_<field>``) and turned into the ``wave-hf distill`` flags (``transformers.HfArgumentParser``).
+
+    What the run is about (teacher, data, bank geometry, image size, seed, checkpoint folder) stays an argument
+    of ``distill``.
+    """
+
+    init: str = field(default="teacher", metadata={
+        "choices": list(INITS), "help": "teacher: nearest-Kronecker start from the teacher; scratch: random"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "global batch (split over accelerate processes)"})
+    lr: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=0.05, metadata={"help": "on the matrix templates only"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "linear warm-up share of the steps"})
+    temperature: float = field(default=1.0, metadata={"help": "KD temperature"})
+    alpha: float | None = field(default=None, metadata={
+        "help": "weight of the teacher's signal vs the labels' CE, in [0, 1] (default 0.5 with teacher logits, "
+                "1 without)"})
+    feature_weight: float | None = field(default=None, metadata={
+        "help": "weight of the final CLS feature loss (default 1 without teacher logits, else 0)"})
+    layer_weight: float | None = field(default=None, metadata={
+        "help": "weight of the layer-wise loss, every block's output (default 1 without teacher logits, else 0)"})
+    teacher_head: str = field(default="auto", metadata={
+        "choices": ["auto", "logits", "none"],
+        "help": "auto: distil the teacher's logits when its checkpoint has a trained classifier over the data's "
+                "labels, else (with a warning) its features only; logits: require that head; none: ignore it"})
+    checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0: only the end)"})
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
+        self.steps = check_int("steps", self.steps, 1)
+        self.batch_size = check_int("batch_size", self.batch_size, 1)
+        self.lr = check_float("lr", self.lr, 0.0, low_open=True)
+        self.weight_decay = check_float("weight_decay", self.weight_decay, 0.0)
+        self.warmup_ratio = check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
+        self.temperature = check_float("temperature", self.temperature, 0.0, low_open=True)
+        self.alpha = None if self.alpha is None else check_float("alpha", self.alpha, 0.0, 1.0)
+        for name in ("feature_weight", "layer_weight"):
+            value = getattr(self, name)
+            setattr(self, name, None if value is None else check_float(name, value, 0.0))
+        self.teacher_head = check_head(self.teacher_head)
+        self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, 0)
+
+
 def distill(
     teacher: Any,
     train_dataset: Any,
+    distill_config: DistillConfig | None = None,
     *,
     config: WaveTemplateConfig | None = None,
-    init: str = "teacher",
-    steps: int = 1000,
-    batch_size: int = 64,
-    lr: float | None = None,
-    weight_decay: float = 0.05,
-    warmup_ratio: float = 0.05,
-    temperature: float = 1.0,
-    alpha: float | None = None,
-    feature_weight: float | None = None,
-    layer_weight: float | None = None,
-    teacher_head: str = "auto",
     image_size: int | None = None,
     eval_dataset: Any | None = None,
     dataset_name: str | None = None,
     output_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 200,
     max_steps: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    **options: Any,
 ) -> TemplateBank:
     """Distil ``teacher`` into a ``TemplateBank`` (stage 1) and return it.
 
@@ -377,16 +416,11 @@ def distill(
     Raises ``NonFiniteError`` (a ``ValueError``) naming the step when an input batch, the loss or the trained
     bank holds NaN/Inf; nothing is saved then.
     """
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    teacher_head = check_head(teacher_head)
-    temperature = check_positive("temperature", temperature)
-    weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
-    if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if not (isinstance(warmup_ratio, (int, float)) and 0.0 <= warmup_ratio < 1.0):
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
-    lr = check_positive("lr", 5e-4 if lr is None else lr)
+    cfg = DistillConfig.from_options(distill_config, options)
+    init, steps, batch_size, lr = cfg.init, cfg.steps, cfg.batch_size, cfg.lr
+    weight_decay, warmup_ratio, temperature, alpha = cfg.weight_decay, cfg.warmup_ratio, cfg.temperature, cfg.alpha
+    feature_weight, layer_weight, teacher_head = cfg.feature_weight, cfg.layer_weight, cfg.teacher_head
+    checkpoint_every = cfg.checkpoint_every
     settings = LoopSettings(steps=steps, lr=lr, batch_size=batch_size, schedule=Cosine(int(warmup_ratio * steps)),
                             seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, max_steps=max_steps,
                             progress=progress, desc="distill")
@@ -495,11 +529,12 @@ def distill(
     c.teacher_name_or_path = teacher.name_or_path or config.teacher_name_or_path
     c.teacher_image_size = c.teacher_image_size or teacher.native_image_size
     if c.image_mean is None:  # a config made by hand: record the teacher's preprocessing
-        fields = teacher.preprocessing.for_channels(c.num_channels).config_fields()
-        c.image_mean, c.image_std, c.resample = fields["image_mean"], fields["image_std"], fields["resample"]
+        prep = teacher.preprocessing.for_channels(c.num_channels).config_fields()
+        c.image_mean, c.image_std, c.resample = prep["image_mean"], prep["image_std"], prep["resample"]
     if dataset_name is not None:
         c.teacher_dataset = dataset_name
-    c.metrics = {**(config.metrics or {}), **metrics}
+    recorded = {f"distill_{k}": v for k, v in cfg.to_dict().items() if v is not None}  # how it was distilled
+    c.metrics = {**(config.metrics or {}), **recorded, **metrics}  # measured values (steps done) win
     return bank
 
 

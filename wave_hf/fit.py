@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,14 +38,14 @@ from .loop import Cosine, LoopResult, LoopSettings, run_loop
 from .scalers import Scalers, check_lowrank_rank, check_size
 from .teachers import Teacher, check_head, load_teacher
 from .templates import TemplateBank
-from .validation import check_float, check_int, check_optional_int
+from .validation import JobConfig, check_float, check_int, check_optional_int
 
 if TYPE_CHECKING:
     from .initializer import WaveInitializer
 
 
 @dataclass
-class FitConfig:
+class FitConfig(JobConfig):
     """How stage 2 fits one size: the job's options, validated once, stored with the scalers they made
     (``Scalers.fit_config``) and turned into the ``wave-hf fit`` flags (``transformers.HfArgumentParser``).
 
@@ -90,20 +90,6 @@ class FitConfig:
             "feature_weight", self.feature_weight, 0.0)
         self.layer_weight = check_float("layer_weight", self.layer_weight, 0.0)
         self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, 0)
-
-    @classmethod
-    def from_options(cls, config: FitConfig | None, options: dict[str, Any]) -> FitConfig:
-        """``config`` (default: the defaults) with ``options`` replaced; an unknown option is named."""
-        if config is not None and not isinstance(config, cls):
-            raise TypeError(f"config must be a FitConfig, got {type(config).__name__}")
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(names))
-        if unknown:
-            raise TypeError(f"fit got unknown options {unknown}; FitConfig fields: {names}")
-        return replace(config or cls(), **options)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _fit(

@@ -14,6 +14,7 @@ estimate of what a call will allocate with the memory this machine has available
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import os
@@ -289,3 +290,22 @@ def check_tensors(tensors: object, shapes: dict[str, tuple[int, ...]], name: str
             raise TypeError(f"{name}[{key!r}] must be a tensor, got {type(value).__name__}")
         if tuple(value.shape) != tuple(shape):
             raise ValueError(f"{name}[{key!r}] has shape {tuple(value.shape)}, the config needs {tuple(shape)}")
+
+
+class JobConfig:
+    """Base of a job's options dataclass (``FitConfig``, ``DistillConfig``): built once from a config plus
+    keyword overrides, so that a typo is named instead of falling back to a default."""
+
+    @classmethod
+    def from_options(cls, config: Any, options: Mapping[str, Any]) -> Any:
+        """``config`` (default: the defaults) with ``options`` replaced; an unknown option is named."""
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"got unknown options {unknown}; {cls.__name__} fields: {names}")
+        return dataclasses.replace(config or cls(), **options)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
