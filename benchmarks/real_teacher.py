@@ -27,7 +27,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -39,6 +38,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dinov2_teacher import DEFAULT_CACHE, load_dinov2_teacher  # noqa: E402
+from protocol import write_results  # noqa: E402
 
 from wave_hf import WaveInitializer, vit_layout  # noqa: E402
 from wave_hf.baselines import init_model  # noqa: E402
@@ -46,7 +46,6 @@ from wave_hf.data import collate_images, load_image_dataset  # noqa: E402
 from wave_hf.distill import config_from_teacher, distill, r2_score  # noqa: E402
 from wave_hf.teachers import Teacher, load_teacher  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 IMAGE_SIZE = 112
 #: Budgets: (distillation images, probe-train images, held-out images, steps, batch, templates, template width).
 BUDGETS = {
@@ -191,11 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     res = run("quick" if args.quick else "cpu", args.seed)
-    stem = "real_teacher"  # the md says which budget made it
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(res))
-    print(markdown(res))
+    text = markdown(res)  # the md says which budget made it
+    title, _, body = text.partition("\n\n")
+    config = {k: v for k, v in res.items() if not isinstance(v, (dict, list))}
+    write_results("real_teacher", [res], config=config, selected=[], summary=None, markdown=body.splitlines(),
+                  title=title.lstrip("# "))
+    print(text)
     return 0
 
 
