@@ -39,7 +39,6 @@ from train_ancestry import ancestry_path  # noqa: E402
 from wave_hf import WaveInitializer, vit_layout  # noqa: E402
 from wave_hf.data import load_image_dataset  # noqa: E402
 from wave_hf.distill import (  # noqa: E402
-    accuracy,
     aux_model,
     config_from_teacher,
     distill,
@@ -47,7 +46,7 @@ from wave_hf.distill import (  # noqa: E402
     load_teacher,
 )
 from wave_hf.fit import fit_model  # noqa: E402
-from wave_hf.training import StreamBatchSampler, collate, seeded_subset  # noqa: E402
+from wave_hf.training import StreamBatchSampler, accuracy, collate, seeded_subset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

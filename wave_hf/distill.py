@@ -52,13 +52,13 @@ from .scalers import MATRIX_TYPES, vector_kinds
 from .teachers import Teacher, check_head, load_teacher
 from .templates import TemplateBank
 from .training import (
+    accuracy,
     check_dataset,
     check_labels,
     check_positive,
     dataset_batches,
     dataset_labels,
     dataset_num_labels,
-    predict,
 )
 from .validation import JobConfig, check_float, check_int
 
@@ -293,12 +293,6 @@ def feature_r2(model: nn.Module, teacher: Any, dataset: Any, *, max_images: int 
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, dataset: Any, batch_size: int = 256) -> float:
-    """Top-1 accuracy of a classifier on a dataset of ``pixel_values``/``labels`` items."""
-    logits, labels = predict(model, dataset, batch_size)
-    return float((logits.argmax(-1) == labels).float().mean())
-
-
 # ------------------------------------------------------------------------------------------- distill
 def task_labels(teacher: Teacher, dataset: Any) -> tuple[int | None, dict[int, str] | None]:
     """``(num_labels, id2label)`` of the data, for ``Teacher.for_task``: the ``ClassLabel`` feature when there

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import tempfile
 
-import numpy as np
 import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments, ViTForImageClassification
 from transformers.trainer_callback import PrinterCallback
 
 from .data import collate_images
+from .training import accuracy
 from .validation import MAX_SEED, check_float, check_int
 
 
@@ -26,24 +26,13 @@ def _check_model_and_data(model: object, dataset: object, name: str) -> None:
         raise TypeError(f"{name} must be a map-style dataset (len and [i]), got {type(dataset).__name__}")
 
 
-def accuracy(eval_pred) -> dict[str, float]:
-    logits, labels = eval_pred
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
-
-
-@torch.no_grad()
 def evaluate(model: ViTForImageClassification, dataset: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy on ``dataset`` (items with ``pixel_values`` and ``labels``)."""
+    """Top-1 accuracy on ``dataset`` (items with ``pixel_values`` and ``labels``), on the model's device."""
     _check_model_and_data(model, dataset, "dataset")
     batch_size = check_int("batch_size", batch_size, 1)
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    model.eval()
-    correct = 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_images([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        correct += (model(batch["pixel_values"]).logits.argmax(-1) == batch["labels"]).sum().item()
-    return correct / len(dataset)
+    return accuracy(model, dataset, batch_size)
 
 
 def finetune(

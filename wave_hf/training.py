@@ -162,3 +162,14 @@ def forward_output(model: nn.Module, pixel_values: Tensor) -> Tensor:
     out = model(pixel_values=pixel_values)
     logits = getattr(out, "logits", None)
     return logits if logits is not None else out.last_hidden_state[:, 0]
+
+
+def top1(logits: Tensor, labels: Tensor) -> float:
+    """The fraction of rows whose largest logit is the label: the one accuracy every report uses."""
+    return int((logits.argmax(-1) == labels).sum()) / max(len(labels), 1)  # exact: correct / total
+
+
+def accuracy(model: nn.Module, dataset: Any, batch_size: int = 256) -> float:
+    """Top-1 accuracy of a classifier on a dataset of ``pixel_values``/``labels`` items (on its device)."""
+    logits, labels = predict(model, dataset, batch_size)
+    return top1(logits, labels)
