@@ -52,7 +52,8 @@ def _run(out: str, quick: bool, seed: int, bank: str, progress: bool) -> dict:
     sizes = [(2, c.template_width)] if quick else SIZES
     fit_steps, ft_images, test_images = (10, 256, 500) if quick else (150, 6000, 2000)
     data = load_image_dataset("fashion_mnist", image_size=c.image_size, num_channels=c.num_channels,
-                              train_limit=ft_images, test_limit=test_images, seed=seed)
+                              train_limit=ft_images, test_limit=test_images, seed=seed,
+                              preprocessing=Preprocessing.from_config(c))
     id2label = dict(enumerate(data["train"].features["label"].names))
     out_dir = Path(out)
     rows = []
