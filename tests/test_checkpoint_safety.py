@@ -17,7 +17,7 @@ import pytest
 import safetensors.torch as st
 import torch
 from _accelerate_fit_script import tiny_setup
-from testing_common import assert_state_dicts_equal
+from testing_common import assert_same_results, assert_state_dicts_equal
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
@@ -40,13 +40,7 @@ JOB = HERE / "_jobs.py"
 FIT = dict(num_labels=4, steps=5, batch_size=8, max_images=24, lr=1e-2, checkpoint_every=2, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run much faster on one thread when the 2 shared cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")
@@ -222,11 +216,7 @@ def test_sigkill_during_a_checkpoint_write_then_rerun_is_bit_identical(kind, tmp
     assert [p.name.split("-")[1] for p in ckpt.iterdir() if p.name.startswith(".tmp-")] == ["step_00000004"]
     resumed = job(kind, tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = torch.load(tmp_path / "clean" / "result.pt")
-    b = torch.load(tmp_path / "killed" / "result.pt")
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_results(tmp_path / "clean" / "result.pt", tmp_path / "killed" / "result.pt")
     assert not [p for p in ckpt.iterdir() if p.name.startswith(".")]  # the torn temp folder was swept
 
 

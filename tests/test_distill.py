@@ -18,14 +18,7 @@ from wave_hf.distill import (
     init_from_teacher,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread when the 2 shared cores are busy (oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def tiny_teacher(headless: bool = False, **overrides) -> ViTForImageClassification | ViTModel:

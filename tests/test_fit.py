@@ -19,13 +19,7 @@ HERE = Path(__file__).resolve().parent
 KW = dict(steps=5, batch_size=8, max_images=24, lr=1e-2, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread when the 2 shared cores are busy (oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture

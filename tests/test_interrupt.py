@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from testing_common import assert_same_results
 
 JOB = Path(__file__).with_name("_jobs.py")
 
@@ -29,11 +29,7 @@ def test_sigkill_then_resume_is_bit_identical(kind, tmp_path):
     assert any((tmp_path / "killed" / "checkpoints").rglob("*")), "no checkpoint written before the kill"
     resumed = run(kind, tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = torch.load(tmp_path / "clean" / "result.pt")
-    b = torch.load(tmp_path / "killed" / "result.pt")
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_results(tmp_path / "clean" / "result.pt", tmp_path / "killed" / "result.pt")
 
 
 SAVE_KILLED = """

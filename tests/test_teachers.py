@@ -32,13 +32,7 @@ from wave_hf.teachers import load_teacher
 SMALL = dict(template_width=16, num_templates=3, num_vector_templates=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread when the 2 shared cores are busy (oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def _jitter(model: torch.nn.Module) -> torch.nn.Module:

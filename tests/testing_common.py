@@ -38,3 +38,9 @@ print(json.dumps({{"missing": info["missing_keys"], "unexpected": info["unexpect
     report = json.loads(res.stdout.strip().splitlines()[-1])
     report["logits"] = torch.load(out)
     return report
+
+
+def assert_same_results(a_path: Path, b_path: Path) -> None:
+    """Two jobs' ``result.pt`` (a state dict the test's own job wrote) hold the same bits."""
+    a, b = torch.load(a_path), torch.load(b_path)
+    assert_state_dicts_equal(a, b)
