@@ -517,6 +517,10 @@ def _publish(tmp_dir: Path, cache_dir: Path) -> None:
     If another process published meanwhile, its folder wins and ours is discarded: both came from the same file.
     """
     old: Path | None = None
+    if cache_dir.exists() and not (cache_dir / CONVERSION_FILE).is_file() and any(cache_dir.iterdir()):
+        # --cache-dir named a folder this script did not write: never move or delete the user's files
+        raise FileExistsError(f"{cache_dir} exists and is not a converted-teacher cache (no {CONVERSION_FILE}); "
+                              "pass an empty or new --cache-dir")
     if cache_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.old-", dir=cache_dir.parent))
         os.replace(cache_dir, old / cache_dir.name)

@@ -129,6 +129,17 @@ def test_pickle_next_to_a_safe_checkpoint_is_ignored(setup, tmp_path):
     assert (run / CKPT_DIR / "step_00000099" / "custom_checkpoint_0.pkl").is_file()  # foreign: left alone
 
 
+def test_a_foreign_folder_with_a_step_name_is_never_replaced(setup, tmp_path):
+    init, data = setup
+    run = tmp_path / "run"
+    foreign = run / CKPT_DIR / "step_00000002"  # e.g. an accelerate save_state folder from older wave-hf
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="holds files wave-hf did not write"):
+        fit_scalers(init, 2, 32, data, output_dir=run, **FIT)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
 def test_files_written_are_safetensors_and_json_only(setup, tmp_path):
     fit_scalers(setup[0], 2, 32, setup[1], output_dir=tmp_path, **FIT)
     [*_, last] = complete_checkpoints(tmp_path)

@@ -477,6 +477,10 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
     if skip:
         return final
+    if final.exists() and not all(f.name in OWN_FILES for f in final.iterdir()):
+        # e.g. an old accelerate save_state folder of that name: it is the user's, never replaced or deleted
+        raise CheckpointError(f"{final} exists and holds files wave-hf did not write; move it away or pick "
+                              "another checkpoint folder")
     rng = _gather_rng(accelerator)
     if accelerator is None or accelerator.is_main_process:
         target = accelerator.unwrap_model(model) if accelerator is not None else model
@@ -498,7 +502,7 @@ def save_checkpoint(
         _dump_json(tmp / META_FILE, meta)
         for name in OWN_FILES:
             _fsync(tmp / name)
-        if final.exists():  # an overwrite, or a torn/foreign folder of that name: move it aside first
+        if final.exists():  # an overwrite, or a torn folder of ours of that name: move it aside first
             old = final.parent / f"{OLD_PREFIX}{final.name}-{os.getpid()}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)

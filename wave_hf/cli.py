@@ -86,15 +86,15 @@ def _load(args) -> Any:
 def _save_model(model, args: argparse.Namespace, init_config: Any, **card: Any) -> dict:
     """A pipeline-ready folder (RGB input, the bank's image processor, card): see ``wave_hf.export``."""
     from .data import Preprocessing
-    from .export import rgb_model, write_model_folder
+    from .export import write_model_folder
     from .io import mark_output, publish_dir
 
     origin = f"wave-hf {args.command} from {args.templates}"
     with publish_dir(args.out) as tmp:
-        write_model_folder(model, tmp, origin=origin, base_model=args.templates,
-                           preprocessing=Preprocessing.from_config(init_config), **card)
+        saved = write_model_folder(model, tmp, origin=origin, base_model=args.templates,
+                                   preprocessing=Preprocessing.from_config(init_config), **card)
     mark_output(args.out, args.command)
-    return {"parameters": sum(p.numel() for p in rgb_model(model).parameters()), "input": f"RGB {model.config.image_size}px" + (" (grey model, channels averaged exactly)"
+    return {"parameters": sum(p.numel() for p in saved.parameters()), "input": f"RGB {model.config.image_size}px" + (" (grey model, channels averaged exactly)"
                                                             if model.config.num_channels == 1 else "")}
 
 

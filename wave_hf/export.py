@@ -91,13 +91,15 @@ def model_card(model: ViTForImageClassification, *, origin: str, repo_id: str = 
 
 
 def write_model_folder(model: ViTForImageClassification, folder: Path, *, origin: str,
-                       preprocessing: Preprocessing | None = None, **card: Any) -> None:
-    """Write a pipeline-ready folder into ``folder`` (a staging folder: callers publish it)."""
+                       preprocessing: Preprocessing | None = None, **card: Any) -> ViTForImageClassification:
+    """Write a pipeline-ready folder into ``folder`` (a staging folder: callers publish it); returns the
+    model as written (RGB)."""
     ready = rgb_model(model)
     require_finite(ready.state_dict().items(), "the model")
     ready.save_pretrained(folder)
     image_processor(ready.config.image_size, preprocessing).save_pretrained(folder)
     model_card(ready, origin=origin, grey_fold=model.config.num_channels == 1, **card).save(folder / "README.md")
+    return ready
 
 
 def save_for_pipeline(model: ViTForImageClassification, save_directory: str | os.PathLike, *,

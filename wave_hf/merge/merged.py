@@ -147,10 +147,9 @@ class _MultiTaskResult(HubMixin, library_name="wave-hf", tags=list(CARD_TAGS),
 
     def _save_pretrained(self, save_directory: Path) -> None:
         check_unique_names(self.tasks, "task name")  # they become folder names; ``tasks`` may have been edited
-        for task in self.tasks:
-            require_finite(self.for_task(task).state_dict().items(), f"the merged model of task {task!r}")
-        for task in self.tasks:
+        for task in self.tasks:  # a failure leaves only the staging folder, which publish_dir removes
             model = self.for_task(task)
+            require_finite(model.state_dict().items(), f"the merged model of task {task!r}")
             model.save_pretrained(save_directory / task)
             if model.config.num_channels == 3:  # RGB task folders run in pipeline() as they are
                 image_processor(model.config.image_size).save_pretrained(save_directory / task)
