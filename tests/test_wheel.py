@@ -8,6 +8,7 @@ Dependencies come from the running interpreter (``--system-site-packages``) so t
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -49,9 +50,15 @@ print("ok")
 
 @pytest.mark.slow
 def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
+    # Build from a copy of the sources: an in-tree build would write build/ into the checkout, and a stale
+    # build/lib there (a module deleted since) would end up in the wheel.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "wave_hf", src / "wave_hf", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(ROOT)], check=True, capture_output=True, text=True)
+                    str(src)], check=True, capture_output=True, text=True)
     wheel = next(dist.glob("wave_hf-*.whl"))
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=True)

@@ -71,11 +71,6 @@ R2_IMAGES = 512
 
 
 # -------------------------------------------------------------------------------------------- teacher
-def teacher_has_head(teacher: Any) -> bool:
-    """Whether the teacher (anything ``load_teacher`` takes) gives logits."""
-    return load_teacher(teacher).has_head
-
-
 def config_from_teacher(teacher: Any, *, image_size: int | None = None, **overrides: Any) -> WaveTemplateConfig:
     """A bank config whose geometry is the teacher's: auxiliary depth and width, image (``image_size``, default
     the teacher's), patch, channels, LayerNorm eps, qkv bias, activation, head dim, MLP ratio and
