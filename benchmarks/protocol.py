@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,37 +71,71 @@ class TensorImages(torch.utils.data.Dataset):
         return len(self.names)
 
 
-def _to_tensors(split) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    batch = split[0 : len(split)]
-    x = torch.stack([torch.as_tensor(p, dtype=torch.float32) for p in batch["pixel_values"]])
-    return x, torch.as_tensor(batch["labels"]), list(split.features["label"].names)
+def raw_pool(source: str, pool: int, n_test: int) -> dict[str, Any]:
+    """The stored 28x28 grey pixels (uint8) of ``source``'s train pool and test set, fixed by ``DATA_SEED``.
 
+    Cached once per (source, pool, test) as safetensors + JSON (no pickle): the raw bytes are small and
+    exact, so any image size or normalisation is derived from them in-process, and a machine without the
+    source (a lent GPU machine) needs only these files (``$WAVE_HF_CACHE/splits``).
+    """
+    from safetensors.torch import load_file, save_file
 
-def load_pool(source: str, pool: int, n_test: int) -> tuple[TensorImages, TensorImages]:
-    """(train pool, test set) of ``source`` at 28x28 grey, fixed by ``DATA_SEED``; cached as tensors on disk."""
-    path = cache_dir() / "splits" / f"{source}-pool{pool}-test{n_test}-seed{DATA_SEED}.pt"
-    if path.is_file():
-        d = torch.load(path)
-        return (TensorImages(d["xtr"], d["ytr"], d["names"]), TensorImages(d["xte"], d["yte"], d["names"]))
+    path = cache_dir() / "splits" / f"{source}-pool{pool}-test{n_test}-seed{DATA_SEED}.raw.safetensors"
+    names_path = path.with_suffix(".json")
+    if path.is_file() and names_path.is_file():
+        names = json.loads(names_path.read_text())["names"]
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{names_path}: 'names' must be a list of strings")
+        return {**load_file(path), "names": names}
     from wave_hf.data import load_image_dataset
 
     ds = load_image_dataset(source, image_size=28, num_channels=1, train_limit=pool, test_limit=n_test,
                             seed=DATA_SEED)
-    xtr, ytr, names = _to_tensors(ds["train"])
-    xte, yte, _ = _to_tensors(ds["test"])
+    out: dict[str, Any] = {}
+    for split, key in (("train", "tr"), ("test", "te")):
+        stored = ds[split].with_format("numpy")
+        out[f"x{key}"] = torch.as_tensor(np.asarray(stored["image"], dtype=np.uint8))
+        out[f"y{key}"] = torch.as_tensor(np.asarray(stored["label"], dtype=np.int64))
+    names = list(ds["train"].features["label"].names)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save({"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte, "names": names}, tmp)
-    os.replace(tmp, path)
-    return TensorImages(xtr, ytr, names), TensorImages(xte, yte, names)
+    for target, write in ((names_path, lambda tmp: Path(tmp).write_text(json.dumps({"names": names}))),
+                          (path, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, tmp))):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        write(tmp)
+        os.replace(tmp, target)
+    return {**out, "names": names}
 
 
-def splits(source: str, seed: int, *, n_train: int, n_val: int, n_test: int,
-           pool: int | None = None) -> dict[str, TensorImages]:
-    """``{"train", "val", "test"}`` for one task and seed: train and val from the train pool, test fixed."""
+def _pixels(images: torch.Tensor, image_size: int, num_channels: int, preprocessing: Any) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> model-ready float32 through the library's one preprocessing path."""
+    from wave_hf.data import Preprocessing, _make_transform
+
+    transform = _make_transform(image_size, num_channels, (preprocessing or Preprocessing()).for_channels(num_channels))
+    out = []
+    for start in range(0, len(images), 512):
+        chunk = images[start : start + 512].numpy()
+        out += transform({"image": list(chunk)})["pixel_values"]
+    return torch.stack(out)
+
+
+@functools.lru_cache(maxsize=4)
+def load_pool(source: str, pool: int, n_test: int, *, image_size: int = 28, num_channels: int = 1,
+              preprocessing: Any = None) -> tuple[TensorImages, TensorImages]:
+    """(train pool, test set) of ``source``, fixed by ``DATA_SEED``, preprocessed for the model that reads it
+    (default 28x28 grey in [-1, 1]; e.g. 112 px RGB with a teacher's ``Preprocessing``). Kept in memory:
+    every seed's split is an index selection of the same pool."""
+    raw = raw_pool(source, pool, n_test)
+    return tuple(TensorImages(_pixels(raw[f"x{k}"], image_size, num_channels, preprocessing), raw[f"y{k}"],
+                              raw["names"]) for k in ("tr", "te"))  # type: ignore[return-value]
+
+
+def splits(source: str, seed: int, *, n_train: int, n_val: int, n_test: int, pool: int | None = None,
+           **pixels: Any) -> dict[str, TensorImages]:
+    """``{"train", "val", "test"}`` for one task and seed: train and val from the train pool, test fixed.
+    ``pixels``: ``image_size``, ``num_channels``, ``preprocessing`` of ``load_pool``."""
     pool = pool or n_train + n_val
-    train_pool, test = load_pool(source, pool, n_test)
+    train_pool, test = load_pool(source, pool, n_test, **pixels)
     if n_train + n_val > len(train_pool):
         raise ValueError(f"{source}: {n_train} train + {n_val} validation images asked, the pool has "
                          f"{len(train_pool)}")
@@ -195,7 +231,9 @@ def envelope(*, config: dict[str, Any], selected: list[dict[str, Any]]) -> dict[
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
-        "git": {"revision": _git("rev-parse", "HEAD") or None, "dirty": bool(status),
+        # A lent GPU machine gets the working tree without .git: the sender names the commit it sent.
+        "git": {"revision": _git("rev-parse", "HEAD") or os.environ.get("WAVE_HF_BENCH_REVISION") or None,
+                "dirty": bool(status),
                 "dirty_files": [line[3:] for line in status.splitlines()]},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": _version("transformers"), "wave_hf": _version("wave-hf") or _version("wave_hf")},

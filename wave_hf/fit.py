@@ -17,13 +17,16 @@ AdamW without weight decay (scalers set the scale of the built weights), cosine 
 ``fit_scalers`` returns the ``Scalers`` only: ``WaveInitializer.build`` always makes a new head, so the head
 trained here is discarded there. ``fit_model`` returns the folded, fitted ViT *with* that head, ready for
 full fine-tuning.
+
+``head_probe_steps > 0`` makes the fit two-phase: the head alone first, on the frozen start (a random head
+trained with the scalers at their large lr pushes noise into a good start), then the scaler fit above.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,8 +37,15 @@ from . import training, vit_layout
 from .checkpoint import dataset_fingerprint, tensors_fingerprint
 from .distill import check_weight, kl_loss, layerwise_loss, standardized_mse, teacher_fingerprint
 from .fold import fold
-from .loop import Cosine, LoopResult, LoopSettings, run_loop
-from .scalers import Scalers, check_lowrank_rank, check_size
+from .loop import Batches, Cosine, LoopResult, LoopSettings, LossFn, run_loop
+from .scalers import (
+    DEFAULT_DEPTH_RULE,
+    DEPTH_RULES,
+    Scalers,
+    check_depth_rule,
+    check_lowrank_rank,
+    check_size,
+)
 from .teachers import Teacher, check_head, load_teacher
 from .templates import TemplateBank
 from .validation import JobConfig, check_float, check_int, check_optional_int
@@ -63,6 +73,12 @@ class FitConfig(JobConfig):
     train_vectors: bool = field(default=True, metadata={"help": "also train the per-size vector templates"})
     lowrank_rank: int = field(default=0, metadata={
         "help": "rank of a per-size low-rank correction of every matrix (0: off; folded exactly)"})
+    depth_rule: str = field(default=DEFAULT_DEPTH_RULE, metadata={
+        "choices": list(DEPTH_RULES),
+        "help": "how a start at another depth than the auxiliary model's takes its layers: relative (resample by "
+                "relative depth), first (its first layers), even (evenly spaced layers)"})
+    head_probe_steps: int = field(default=0, metadata={
+        "help": "first train only the new head for this many extra steps, body frozen (0: off)"})
     warmup_ratio: float = field(default=0.0, metadata={"help": "linear warm-up, a fraction of the steps"})
     teacher_head: str = field(default="auto", metadata={
         "choices": ["auto", "logits", "none"],
@@ -84,6 +100,8 @@ class FitConfig(JobConfig):
         if not isinstance(self.train_vectors, bool):
             raise TypeError(f"train_vectors must be a bool, got {self.train_vectors!r}")
         self.lowrank_rank = check_int("lowrank_rank", self.lowrank_rank, 0)
+        self.depth_rule = check_depth_rule(self.depth_rule)
+        self.head_probe_steps = check_int("head_probe_steps", self.head_probe_steps, 0)
         self.warmup_ratio = check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
         self.teacher_head = check_head(self.teacher_head)
         self.feature_weight = None if self.feature_weight is None else check_float(
@@ -121,13 +139,18 @@ def _fit(
     feature_weight: float | None = None,
     layer_weight: float = 0.0,
     image_size: int | None = None,
+    depth_rule: str = DEFAULT_DEPTH_RULE,
+    head_probe_steps: int = 0,
 ) -> tuple[ViTForImageClassification, LoopResult]:
-    """The shared body of ``fit_scalers`` and ``fit_model``: returns the trained parametrized model."""
+    """The shared body of ``fit_scalers`` and ``fit_model``: returns the trained parametrized model and the
+    log of the scaler phase (the head probe's losses are not in it)."""
     # Checked by what it holds, not by class: ``initializer`` imports this module (``fit_scalers``).
     if not isinstance(getattr(initializer, "bank", None), TemplateBank) or not hasattr(initializer, "parametrize"):
         raise TypeError(f"initializer must be a WaveInitializer, got {type(initializer).__name__}")
     heads = check_size(initializer.config, depth, width, num_heads)
     check_lowrank_rank(lowrank_rank, width)
+    depth_rule = check_depth_rule(depth_rule)
+    head_probe_steps = check_int("head_probe_steps", head_probe_steps, 0)
     if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
         raise ValueError(f"max_images must be an int >= 1 or None, got {max_images!r}")
     lr = training.check_positive("lr", lr)
@@ -154,7 +177,7 @@ def _fit(
     training.check_labels(labels, num_labels)
 
     model = initializer.parametrize(depth, width, heads, num_labels=num_labels, id2label=id2label, seed=seed,
-                                    lowrank_rank=lowrank_rank, image_size=image_size)
+                                    lowrank_rank=lowrank_rank, image_size=image_size, depth_rule=depth_rule)
     signal = TeacherSignal.resolve(teacher if kd_weight > 0 else None, model.config, head=teacher_head,
                                    kd_weight=kd_weight, temperature=temperature, feature_weight=feature_weight,
                                    layer_weight=layer_weight)
@@ -167,11 +190,16 @@ def _fit(
     multiplicative += list(model.classifier.parameters())
     additive = list(scalers.vectors.values()) if train_vectors else []
     additive += list(scalers.lowrank_a.values()) + list(scalers.lowrank_b.values())  # empty at rank 0
-    for p in multiplicative + additive:
-        p.requires_grad_(True)
     trained = signal.student(model, lambda: kronecker_projection(initializer.config.template_width, width,
                                                                  signal.teacher.shape.width))
     multiplicative += signal.extra_parameters(trained)
+    loss_fn = signal.loss_fn(depth)
+    if head_probe_steps:
+        probe = replace(settings, steps=head_probe_steps, schedule=Cosine(), output_dir=None, checkpoint_every=0,
+                        max_steps=None, desc=f"head probe {depth}x{width}")
+        trained = _head_probe(trained, model.classifier, training.dataset_batches(data, probe), loss_fn, probe)
+    for p in multiplicative + additive:
+        p.requires_grad_(True)
     groups = [{"params": multiplicative, "weight_decay": 0.0},
               {"params": additive, "weight_decay": 0.0, "lr": vectors_lr}]
 
@@ -190,11 +218,34 @@ def _fit(
         run_id.update(signal.fingerprint())
         if image_size is not None:  # absent from runs made before the option existed
             run_id["image_size"] = model.config.image_size
-    trained, log = run_loop(trained, groups, training.dataset_batches(data, settings), signal.loss_fn(depth),
-                            settings, fingerprint=run_id)
+        if depth_rule != "relative":  # likewise: "relative" is the rule of every run made before the option
+            run_id["depth_rule"] = depth_rule
+        if head_probe_steps:
+            run_id["head_probe_steps"] = head_probe_steps
+    trained, log = run_loop(trained, groups, training.dataset_batches(data, settings), loss_fn, settings,
+                            fingerprint=run_id)
     model = trained.model if isinstance(trained, FeatureStudent) else trained
     model.requires_grad_(False)
     return model, log
+
+
+def _head_probe(student: nn.Module, head: nn.Module, batches: Batches, loss_fn: LossFn, settings: LoopSettings
+                ) -> nn.Module:
+    """Phase 1 of a two-phase fit (``head_probe_steps``): train only ``head`` on the frozen start.
+
+    Why: the new head starts random, and trained together with the scalers at the scalers' large ``lr`` its
+    early, meaningless gradients flow into the body and damage a good start. A linear probe first gives the
+    scaler phase a head that already reads the start's features. It is the fit's own loop, loss, lr (cosine
+    to 0, no warm-up) and seeded batch stream (batches ``0 .. steps - 1``; the scaler phase then starts the
+    stream again from batch 0). Every other parameter of ``student`` (scalers, feature map) is frozen for the
+    phase, so no gradient reaches or accumulates in it: the body comes out bit-identical. The phase writes no
+    checkpoint: a resumed fit repeats it (same bits), then restores the scaler phase's checkpoint.
+    """
+    student.requires_grad_(False)
+    head.requires_grad_(True)
+    student, _ = run_loop(student, [{"params": list(head.parameters()), "weight_decay": 0.0}], batches, loss_fn,
+                          settings)
+    return student
 
 
 @dataclass
@@ -348,7 +399,7 @@ def fit_scalers(
     Args:
         initializer: the ``WaveInitializer`` holding the (frozen) bank; the start is
             ``initializer.scalers_for(...)`` (fitted scalers if it has some for this size, else the
-            auxiliary scalers resampled by depth and width).
+            auxiliary scalers resampled by depth, by ``depth_rule``, and width).
         train_dataset: map-style dataset of ``{"pixel_values", "labels"}`` items; a seeded subset of
             ``max_images`` of them is used (``None``: all).
         num_labels, id2label: the head; default from the dataset's ``ClassLabel`` feature, else
@@ -377,6 +428,12 @@ def fit_scalers(
             its own; this gives each size a little such freedom (``k * (out + in)`` parameters per matrix)
             and still folds exactly. It starts at zero (LoRA-style, seeded by ``seed``); scalers that already
             carry one (fitted before) keep and train it.
+        depth_rule: how a start without fitted scalers takes the auxiliary layers when the depths differ:
+            ``"relative"``, ``"first"`` or ``"even"`` (``wave_hf.scalers.depth_indices``; default
+            ``scalers.DEFAULT_DEPTH_RULE``).
+        head_probe_steps: when > 0, a two-phase fit: first this many steps that train only the new head on
+            the frozen start (``_head_probe``: same loop, loss, lr and seeded stream), then the ``steps`` of
+            the scaler fit with that head. These steps come on top of ``steps`` (recorded in ``fit_config``).
         output_dir, checkpoint_every, max_steps: resumable checkpoints, as in ``wave_hf.distill.distill``
             (a folder written by another run, e.g. another seed, lr, size, bank or dataset, is refused with
             ``CheckpointMismatchError`` naming the field).

@@ -16,7 +16,7 @@ from .configuration_wave import WaveTemplateConfig
 from .fold import head_init_, parametrize_vit
 from .io import HubMixin, require_finite
 from .rule import assemble
-from .scalers import Scalers, check_target_size
+from .scalers import DEFAULT_DEPTH_RULE, Scalers, check_depth_rule, check_target_size
 from .templates import TemplateBank
 from .validation import MAX_IMAGE_SIZE, MAX_SEED, check_int, check_name
 
@@ -159,24 +159,27 @@ class WaveInitializer(HubMixin, library_name="wave-hf", tags=["wave-hf", "wave",
         )
 
     def scalers_for(self, depth: int, width: int, num_heads: int | None = None, seed: int = 0,
-                    lowrank_rank: int = 0) -> Scalers:
+                    lowrank_rank: int = 0, depth_rule: str = DEFAULT_DEPTH_RULE) -> Scalers:
         """Fitted scalers for this size if the bank has them, else the default init from the auxiliary ones.
 
+        ``depth_rule`` (``scalers.DEPTH_RULES``) is how the default init takes the auxiliary layers when the
+        depths differ (``Scalers.from_source``); it is checked always but does not touch fitted scalers.
         ``lowrank_rank > 0`` gives scalers that have no low-rank correction one of that rank, starting at
         exactly zero (``Scalers.with_lowrank``, seeded by ``seed``); fitted scalers that carry one keep it.
         """
+        depth_rule = check_depth_rule(depth_rule)
         depth, width, heads = check_target_size(self.config, depth, width, num_heads)
         seed = check_int("seed", seed, 0, MAX_SEED)
         fitted = self.fitted.get((depth, width, heads))
         if fitted is not None:
             return fitted.with_lowrank(self.config, lowrank_rank, torch.Generator().manual_seed(seed))
         return Scalers.from_source(self.config, self.bank.aux, depth, width, heads, seed=seed,
-                                   lowrank_rank=lowrank_rank)
+                                   lowrank_rank=lowrank_rank, depth_rule=depth_rule)
 
     def _resolve_scalers(self, depth: int, width: int, num_heads: int | None, scalers: Scalers | None,
-                         seed: int, lowrank_rank: int) -> Scalers:
+                         seed: int, lowrank_rank: int, depth_rule: str) -> Scalers:
         if scalers is None:
-            return self.scalers_for(depth, width, num_heads, seed, lowrank_rank)
+            return self.scalers_for(depth, width, num_heads, seed, lowrank_rank, depth_rule)
         if not isinstance(scalers, Scalers):
             raise TypeError(f"scalers must be a Scalers, got {type(scalers).__name__}")
         depth, width, heads = check_target_size(self.config, depth, width, num_heads)
@@ -191,14 +194,15 @@ class WaveInitializer(HubMixin, library_name="wave-hf", tags=["wave-hf", "wave",
 
     def _target(self, depth: int, width: int, num_heads: int | None = None, num_labels: int = 10,
                 id2label: dict[int, str] | None = None, scalers: Scalers | None = None, seed: int = 0,
-                lowrank_rank: int = 0, image_size: int | None = None):
+                lowrank_rank: int = 0, image_size: int | None = None, depth_rule: str = DEFAULT_DEPTH_RULE):
         """Validated ``ViTConfig`` and scalers of a target (shared by ``build`` and ``parametrize``): a model
         that would not fit in memory is refused before anything is allocated, and NaN/Inf scalers or
         templates (a diverged fit, a bank edited in memory) are named instead of building NaN weights."""
+        depth_rule = check_depth_rule(depth_rule)
         seed = check_int("seed", seed, 0, MAX_SEED)
         vit_config = self.vit_config(depth, width, num_heads, num_labels, id2label, image_size)
         vit_layout.check_buildable(vit_layout.shape_of(vit_config), vit_config.num_labels)
-        scalers = self._resolve_scalers(depth, width, num_heads, scalers, seed, lowrank_rank)
+        scalers = self._resolve_scalers(depth, width, num_heads, scalers, seed, lowrank_rank, depth_rule)
         scalers.check_finite(f"scalers for depth={scalers.depth}, width={scalers.width}")
         self.bank.check_finite()
         return vit_config, scalers, seed
@@ -227,6 +231,7 @@ class WaveInitializer(HubMixin, library_name="wave-hf", tags=["wave-hf", "wave",
         seed: int = 0,
         lowrank_rank: int = 0,
         image_size: int | None = None,
+        depth_rule: str = DEFAULT_DEPTH_RULE,
     ) -> ViTForImageClassification:
         """A stock ``ViTForImageClassification`` with WAVE weights and a new classifier head.
 
@@ -240,9 +245,14 @@ class WaveInitializer(HubMixin, library_name="wave-hf", tags=["wave-hf", "wave",
         ``image_size`` (default: the size the bank was distilled at, ``config.image_size``) builds for another
         input size, a multiple of the patch size: the position embeddings are resampled from the bank's grid
         as the teacher family resamples its own (``config_at``).
+
+        ``depth_rule`` (``"relative"``, ``"first"`` or ``"even"``; default ``scalers.DEFAULT_DEPTH_RULE``) is how
+        a size without fitted scalers takes the auxiliary model's layers when its depth differs
+        (``scalers.depth_indices``): ``"first"`` starts a shallow target as the auxiliary model's first blocks.
+        It has no effect with ``scalers=`` or fitted scalers for this size.
         """
         vit_config, scalers, seed = self._target(depth, width, num_heads, num_labels, id2label, scalers, seed,
-                                                 lowrank_rank, image_size)
+                                                 lowrank_rank, image_size, depth_rule)
         state = assemble(self.config_at(image_size), self.bank.templates, scalers)
         for key, value in state.items() if self._may_overflow(scalers) else ():  # finite factors can overflow
             if not torch.isfinite(value).all():

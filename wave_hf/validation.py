@@ -129,6 +129,18 @@ def check_float(name: str, value: Any, low: float | None = None, high: float | N
     return number
 
 
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """``value`` if it is one of ``choices`` (strings, compared exactly), else ``ValueError`` naming both.
+
+    Exact: ``"First"`` or ``" first"`` is refused rather than normalised, so a stored option (a fit's
+    ``fit_config``) always reads back as one of the accepted spellings.
+    """
+    accepted = list(choices)
+    if not isinstance(value, str) or value not in accepted:
+        raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+    return value
+
+
 def check_name(name: Any, what: str) -> str:
     """``name`` if it is safe as one file or folder name inside an output folder, else ``ValueError``.
 
