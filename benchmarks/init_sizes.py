@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,23 @@ LABELS = {"random": "random init", "weight_selection": "Weight Selection",
           "weight_selection_matched": "Weight Selection + the same fitting pass (budget-matched)",
           "tleg": "linear-depth (TLEG-style)", "wave_default": "WAVE, default scalers", "wave_fitted": "WAVE fitted"}
 FITTING = ("wave_fitted", "weight_selection_matched")
+#: Ablation rows (issue 17, ``--name init_ablation``): a registry method with options, each with the same search
+#: budget as its method. ``head_probe_steps`` are charged as extra fitting images.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "wave_fitted:first": ("wave_fitted", {"depth_rule": "first"}),
+    "wave_fitted:even": ("wave_fitted", {"depth_rule": "even"}),
+    "wave_fitted:probe": ("wave_fitted", {"head_probe_steps": 25}),
+    "wave_fitted:first+probe": ("wave_fitted", {"depth_rule": "first", "head_probe_steps": 25}),
+    "wave_fitted:first+probe+layers": ("wave_fitted", {"depth_rule": "first", "head_probe_steps": 25,
+                                                       "layer_weight": 1.0}),
+    "wave_default:first": ("wave_default", {"depth_rule": "first"}),
+}
+LABELS.update({v: f"{LABELS[m]} [{', '.join(f'{k}={o}' for k, o in kw.items())}]" for v, (m, kw) in VARIANTS.items()})
+
+
+def base_method(method: str) -> tuple[str, dict[str, Any]]:
+    """(registry name, options) of a method or an ablation variant."""
+    return VARIANTS.get(method, (method, {}))
 # The search budget: 4 candidates per method, per (task, size, seed), all scored on validation.
 FT_LRS = [2.5e-4, 5e-4, 1e-3, 2e-3]
 FIT_FT_LRS = [5e-4, 1e-3]
@@ -95,6 +112,7 @@ QUICK = Budget(sizes=[(4, 64), (6, 128)], n_train=2000, n_val=500, n_test=1000, 
 
 
 def candidates(method: str) -> list[tuple[str, dict[str, float]]]:
+    method = base_method(method)[0]
     if method in FITTING:
         return [(f"fit lr {a:g}, ft lr {b:g}", {"fit_lr": a, "ft_lr": b}) for a in FIT_LRS[method] for b in FIT_FT_LRS]
     return [(f"ft lr {b:g}", {"ft_lr": b}) for b in FT_LRS]
@@ -280,7 +298,8 @@ def build_start(method: str, regime: str, depth: int, width: int, budget: Budget
     from wave_hf.baselines import init_model
 
     d = _data(regime, budget, seed)
-    kw: dict[str, Any] = {"id2label": dict(enumerate(d["train"].names))}
+    method, options = base_method(method)
+    kw: dict[str, Any] = {"id2label": dict(enumerate(d["train"].names)), **options}
     if method in FITTING:
         kw.update(steps=budget.fit_steps, max_images=budget.fit_images, batch_size=budget.fit_batch,
                   distill=regime in _STATE["spec"]["distill_regimes"], lr=fit_lr)
@@ -320,8 +339,9 @@ def run_cell(job: tuple[str, int, int, Budget, str, int]) -> dict[str, Any]:
                                                  what=f"init_sizes {regime} {depth}x{width} seed {seed} {method}")
     cfg = dict(candidates(method))[chosen]
     start = starts[cfg.get("fit_lr")]
-    fitting = method in FITTING
-    fit_images = budget.fit_steps * budget.fit_batch if fitting else 0
+    base, options = base_method(method)
+    fit_steps = budget.fit_steps + options.get("head_probe_steps", 0) if base in FITTING else 0
+    fit_images = fit_steps * budget.fit_batch
     row.update(na=False, chosen=chosen, **cfg, selection=record, acc_val=record["scores"][chosen],
                acc=accuracy(model, d["test"]), acc_init=accuracy(start, d["test"]),
                params=sum(p.numel() for p in model.parameters()), seconds=time.perf_counter() - t0,
@@ -334,27 +354,35 @@ def run_cell(job: tuple[str, int, int, Budget, str, int]) -> dict[str, Any]:
 
 def _cell_cost(job: tuple) -> float:
     depth, width = job[1], job[2]
-    return (depth * width * width + 8000) * (3 if job[4] in FITTING else 2)
+    return (depth * width * width + 8000) * (3 if base_method(job[4])[0] in FITTING else 2)
 
 
 def run_parallel(fn, jobs: Sequence[tuple], workers: int, teacher_dir: str, bank: str,
-                 spec: dict[str, Any] | None = None) -> list:
+                 spec: dict[str, Any] | None = None, rows_log: Path | None = None) -> list:
     """Jobs largest-first over ``workers`` spawned processes (one torch thread each); results in job order."""
     import multiprocessing
 
     order = sorted(range(len(jobs)), key=lambda i: -_cell_cost(jobs[i]))
     out: list = [None] * len(jobs)
+
+    def done(i: int, row: Any) -> None:
+        out[i] = row
+        if rows_log is not None:
+            rows_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(rows_log, "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+
     if workers <= 1:
         _setup_worker(teacher_dir, bank, 1, spec)
         for i in order:
-            out[i] = fn(jobs[i])
+            done(i, fn(jobs[i]))
         return out
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_setup_worker,
                              initargs=(teacher_dir, bank, 1, spec)) as pool:
-        futures = {i: pool.submit(fn, jobs[i]) for i in order}
-        for i, f in futures.items():
-            out[i] = f.result()
+        futures = {pool.submit(fn, jobs[i]): i for i in order}
+        for f in as_completed(futures):
+            done(futures[f], f.result())
     return out
 
 
@@ -478,14 +506,15 @@ def _rss_over_grid(bank: str, sizes: list[tuple[int, int]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- reports
-def summarize(rows: list[dict[str, Any]], budget: Budget) -> dict[str, Any]:
-    """Per (regime, size, method): mean/std/min/max over seeds; WAVE fitted against each other method."""
+def summarize(rows: list[dict[str, Any]], budget: Budget, methods: Sequence[str] = tuple(METHODS)) -> dict[str, Any]:
+    """Per (regime, size, method): mean/std/min/max over seeds; the last method (WAVE fitted) against each other."""
+    ref = methods[-1]
     cells, versus = [], []
     for regime in budget.regimes:
         for d, w in budget.sizes:
             size = f"{d}x{w}"
             per = {m: [r for r in rows if r["regime"] == regime and r["size"] == size and r["method"] == m
-                       and not r["na"]] for m in METHODS}
+                       and not r["na"]] for m in methods}
             for m, rr in per.items():
                 if rr:
                     cells.append({"regime": regime, "size": size, "method": m, "label": LABELS[m],
@@ -493,10 +522,10 @@ def summarize(rows: list[dict[str, Any]], budget: Budget) -> dict[str, Any]:
                                   "acc": mean_spread(r["acc"] for r in rr),
                                   "acc_init": mean_spread(r["acc_init"] for r in rr),
                                   "chosen": [r["chosen"] for r in rr]})
-            ours = sorted(per["wave_fitted"], key=lambda r: r["seed"])
-            for m in METHODS:
+            ours = sorted(per[ref], key=lambda r: r["seed"])
+            for m in methods:
                 other = sorted(per[m], key=lambda r: r["seed"])
-                if m == "wave_fitted" or not ours or not other:
+                if m == ref or not ours or not other:
                     continue
                 seeds = sorted({r["seed"] for r in ours} & {r["seed"] for r in other})
                 a = [r["acc"] for r in ours if r["seed"] in seeds]
@@ -505,7 +534,7 @@ def summarize(rows: list[dict[str, Any]], budget: Budget) -> dict[str, Any]:
                                "wave": mean_spread(a), "baseline": mean_spread(b), **win(a, b)})
     tally = []
     for regime in budget.regimes:
-        for m in METHODS[:-1]:
+        for m in methods[:-1]:
             vs = [v for v in versus if v["regime"] == regime and v["other"] == m]
             if vs:
                 tally.append({"regime": regime, "other": m, "label": LABELS[m], "sizes": len(vs),
@@ -516,7 +545,7 @@ def summarize(rows: list[dict[str, Any]], budget: Budget) -> dict[str, Any]:
     return {"cells": cells, "wave_vs": versus, "tally": tally}
 
 
-def markdown(result: dict[str, Any], budget: Budget) -> list[str]:
+def markdown(result: dict[str, Any], budget: Budget, methods: Sequence[str] = tuple(METHODS)) -> list[str]:
     s = result["summary"]
     quick = result["config"]["quick"]
     lines = [
@@ -537,28 +566,28 @@ def markdown(result: dict[str, Any], budget: Budget) -> list[str]:
         cc = [c for c in s["cells"] if c["regime"] == regime]
         if not cc:
             continue
-        lines += [f"## {REGIMES[regime]}", "", "| size | params | " + " | ".join(LABELS[m] for m in METHODS) + " |",
-                  "|---|---|" + "---|" * len(METHODS)]
+        lines += [f"## {REGIMES[regime]}", "", "| size | params | " + " | ".join(LABELS[m] for m in methods) + " |",
+                  "|---|---|" + "---|" * len(methods)]
         for d, w in budget.sizes:
             size = f"{d}x{w}"
             row = {c["method"]: c for c in cc if c["size"] == size}
             if not row:
                 continue
             params = next(iter(row.values()))["params"]
-            cells = [_ms(row[m]["acc"]) if m in row else "n/a" for m in METHODS]
+            cells = [_ms(row[m]["acc"]) if m in row else "n/a" for m in methods]
             lines.append(f"| {size} | {params:,} | " + " | ".join(cells) + " |")
-        lines += ["", "WAVE fitted against each baseline: margin in points (mean over seeds), spread, verdict "
+        lines += ["", f"{LABELS[methods[-1]]} against each other row: margin in points (mean over seeds), spread, verdict "
                   "(a win or loss only when |margin| > spread):", "",
-                  "| size | " + " | ".join(LABELS[m] for m in METHODS[:-1]) + " |", "|---|" + "---|" * (len(METHODS) - 1)]
+                  "| size | " + " | ".join(LABELS[m] for m in methods[:-1]) + " |", "|---|" + "---|" * (len(methods) - 1)]
         for d, w in budget.sizes:
             size = f"{d}x{w}"
             vs = {v["other"]: v for v in s["wave_vs"] if v["regime"] == regime and v["size"] == size}
             if not vs:
                 continue
             cells = [f"{100 * vs[m]['margin']:+.1f} +- {100 * vs[m]['spread']:.1f} {vs[m]['verdict']}" if m in vs
-                     else "n/a" for m in METHODS[:-1]]
+                     else "n/a" for m in methods[:-1]]
             lines.append(f"| {size} | " + " | ".join(cells) + " |")
-        lines += ["", "| WAVE fitted vs | sizes | wins | ties | losses | mean margin |", "|---|---|---|---|---|---|"]
+        lines += ["", f"| {LABELS[methods[-1]]} vs | sizes | wins | ties | losses | mean margin |", "|---|---|---|---|---|---|"]
         for t in (t for t in s["tally"] if t["regime"] == regime):
             lines.append(f"| {t['label']} | {t['sizes']} | {t['wins']} | {t['ties']} | {t['losses']} | "
                          f"{100 * t['mean_margin']:+.1f} |")
@@ -595,7 +624,7 @@ def _ms(s: dict[str, float]) -> str:
     return f"{100 * s['mean']:.1f} +- {100 * s['std']:.1f} [{100 * s['min']:.1f}, {100 * s['max']:.1f}]"
 
 
-def plot(result: dict[str, Any], path: Path, budget: Budget) -> None:
+def plot(result: dict[str, Any], path: Path, budget: Budget, methods: Sequence[str] = tuple(METHODS)) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -604,7 +633,7 @@ def plot(result: dict[str, Any], path: Path, budget: Budget) -> None:
     regimes = [g for g in budget.regimes if any(c["regime"] == g for c in result["summary"]["cells"])]
     fig, axes = plt.subplots(1, len(regimes), figsize=(6.5 * len(regimes), 4.8), squeeze=False)
     for ax, regime in zip(axes[0], regimes):
-        for m in METHODS:
+        for m in methods:
             pts = sorted((c["params"], c["acc"]) for c in result["summary"]["cells"]
                          if c["regime"] == regime and c["method"] == m)
             if pts:
@@ -636,6 +665,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="+", default=None, help="override the sizes, e.g. 4x64 6x128")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed and scale section")
     parser.add_argument("--name", default="init_sizes", help="results file stem")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *VARIANTS],
+                        help="rows (the last is compared with each other one), e.g. an ablation of VARIANTS")
+    parser.add_argument("--rows-log", type=Path, default=None,
+                        help="also append every finished row to this JSON-lines file (a run cut short keeps them)")
     args = parser.parse_args(argv)
     if len(args.seeds) < 3:
         raise SystemExit("init_sizes: the protocol needs >= 3 seeds")
@@ -648,8 +681,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.sizes:
         budget.sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
     jobs = [(regime, d, w, budget, method, seed) for regime in budget.regimes for d, w in budget.sizes
-            for method in METHODS for seed in budget.seeds]
-    rows = run_parallel(run_cell, jobs, args.workers, str(teacher_dir), bank)
+            for method in args.methods for seed in budget.seeds]
+    rows = run_parallel(run_cell, jobs, args.workers, str(teacher_dir), bank, rows_log=args.rows_log)
     _setup_worker(str(teacher_dir), bank, 1)
     teacher_acc = accuracy(_teacher(), _data("fashion_mnist", budget, budget.seeds[0])["test"])
     selected = [r.pop("selection") for r in rows if not r["na"]]
@@ -660,15 +693,15 @@ def main(argv: Sequence[str] | None = None) -> None:
               "budgets": {**{k: v for k, v in asdict(budget).items() if k not in ("seeds",)},
                           "search_budget_per_method": SEARCH_BUDGET, "ft_lrs": FT_LRS, "fit_ft_lrs": FIT_FT_LRS,
                           "fit_lrs": FIT_LRS},
-              "methods": {m: LABELS[m] for m in METHODS}}
-    result = {"config": config, "summary": summarize(rows, budget)}
+              "methods": {m: LABELS[m] for m in args.methods}}
+    result = {"config": config, "summary": summarize(rows, budget, args.methods)}
     if not args.no_speed:
         result["speed"] = speed_section(str(teacher_dir), bank, budget.sizes, args.quick)
         result["summary"]["speed"] = result["speed"]
     protocol.write_results(args.name, rows, config=config, selected=selected, summary=result["summary"],
-                           markdown=markdown(result, budget),
+                           markdown=markdown(result, budget, args.methods),
                            title=f"WAVE vs initialization baselines over {len(budget.sizes)} ViT sizes")
-    plot(result, RESULTS / f"{args.name}.png", budget)
+    plot(result, RESULTS / f"{args.name}.png", budget, args.methods)
     print((RESULTS / f"{args.name}.md").read_text(), flush=True)
 
 

@@ -36,6 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import json  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -224,12 +225,12 @@ def what_the_bank_keeps(stage: Stage1, bank_dir: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- grid
-def grid(budget: Budget, bank_dir: str, workers: int) -> list[dict[str, Any]]:
+def grid(budget: Budget, bank_dir: str, workers: int, rows_log: Path | None = None) -> list[dict[str, Any]]:
     teacher = load_teacher(DEFAULT_CACHE, image_size=IMAGE_SIZE, head="none")
     spec = {"kind": "features", "pixels": _pixels(teacher), "distill_regimes": list(budget.regimes)}
     jobs = [(regime, d, w, budget, method, seed) for regime in budget.regimes for d, w in budget.sizes
             for method in METHODS for seed in budget.seeds]
-    return init_sizes.run_parallel(init_sizes.run_cell, jobs, workers, str(DEFAULT_CACHE), bank_dir, spec)
+    return init_sizes.run_parallel(init_sizes.run_cell, jobs, workers, str(DEFAULT_CACHE), bank_dir, spec, rows_log)
 
 
 def summarize(rows: list[dict[str, Any]], budget: Budget) -> dict[str, Any]:
@@ -363,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", choices=list(BUDGETS), default="quick")
     parser.add_argument("--workers", type=int, default=2, help="processes (1 torch thread each)")
+    parser.add_argument("--rows-log", type=Path, default=None,
+                        help="append each finished grid row (and stage 1's record) to this JSON-lines file")
     parser.add_argument("--name", default=None, help="results file stem (default real_teacher; smoke: _smoke.*)")
     args = parser.parse_args(argv)
     args.name = args.name or ("_smoke.real_teacher" if args.budget == "smoke" else "real_teacher")
@@ -374,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     candidates, chosen = stage1(stage, args.workers)
     stage1_s = time.perf_counter() - t0
     keeps = what_the_bank_keeps(stage, chosen["bank"])
-    rows = grid(budget, chosen["bank"], args.workers)
+    if args.rows_log:
+        args.rows_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.rows_log, "a") as f:
+            f.write(json.dumps({"stage1": candidates, "chosen": chosen, "keeps": keeps}, default=str) + "\n")
+    rows = grid(budget, chosen["bank"], args.workers, args.rows_log)
     selected = [{k: v for k, v in chosen.items() if k != "row"}]
     selected += [r.pop("selection") for r in rows if not r["na"]]
     res = {"stage1": {"candidates": candidates, "chosen": chosen, "seconds": round(stage1_s, 1)}, "keeps": keeps,

@@ -363,19 +363,33 @@ def target_scales(teachers: Teachers, images: Sequence[Tensor], sites: Sequence[
     pools = list(images) if spec.targets == "routed" else [torch.cat(list(images))] * len(teachers.models)
     scales: dict[str, list[Tensor]] = {s: [] for s in sites}
     for model, x in zip(teachers.models, pools):
-        acc: dict[str, list] = {s: [0, 0.0, 0.0] for s in sites}
+        acc = {s: Moments() for s in sites}
         device = next(model.parameters()).device
         for i in range(0, len(x), batch_size):
             for s, v in site_features(model, x[i : i + batch_size].to(device), sites, spec.tokens).items():
-                v = v.reshape(-1, v.shape[-1]).double()
-                acc[s][0] += len(v)
-                acc[s][1] = acc[s][1] + v.sum(0)
-                acc[s][2] = acc[s][2] + (v * v).sum(0)
-        for s, (n, s1, s2) in acc.items():
-            var = (s2 / n - (s1 / n) ** 2).clamp_min(0.0)
-            std = var.sqrt()
-            scales[s].append(std.clamp_min(1e-3 * float(std.mean()) + 1e-8).float())
+                acc[s].add(v)
+        for s, m in acc.items():
+            scales[s].append(m.std())
     return {s: torch.stack(v) for s, v in scales.items()}
+
+
+class Moments:
+    """Running float64 first and second moments of features (..., d) over every leading index, one pass."""
+
+    def __init__(self) -> None:
+        self.n, self.s1, self.s2 = 0, 0.0, 0.0
+
+    def add(self, v: Tensor) -> None:
+        v = v.reshape(-1, v.shape[-1]).double()
+        self.n += len(v)
+        self.s1 = self.s1 + v.sum(0)
+        self.s2 = self.s2 + (v * v).sum(0)
+
+    def std(self) -> Tensor:
+        """The per-dimension std (d,), clamped away from 0 (a dead dimension would divide by zero)."""
+        var = (self.s2 / self.n - (self.s1 / self.n) ** 2).clamp_min(0.0)
+        std = var.sqrt()
+        return std.clamp_min(1e-3 * float(std.mean()) + 1e-8).float()
 
 
 def reconstruction_terms(pred: dict[str, Tensor], target: dict[str, Tensor], task_ids: Tensor,
@@ -467,8 +481,12 @@ def online_loss_fn(teachers: Teachers, spec: ReconstructionSpec, sites: Sequence
 def online_loss(module: nn.Module, teachers: Teachers, images: Sequence[Tensor], spec: ReconstructionSpec,
                 sites: Sequence[str], scales: dict[str, Tensor] | None = None, batch_size: int = 64) -> float:
     """The online loss over fixed images (every task's, no augmentation), no grad: loss_before / loss_after."""
+    return mean_loss(module, online_loss_fn(teachers, spec, sites, scales), images, batch_size)
+
+
+def mean_loss(module: nn.Module, loss_fn: LossFn, images: Sequence[Tensor], batch_size: int = 64) -> float:
+    """``loss_fn`` averaged over fixed images (every task's, no augmentation), no grad."""
     data = OnlineViews(images, 0, None, 0)
-    loss_fn = online_loss_fn(teachers, spec, sites, scales)
     device = next(module.parameters()).device
     total = 0.0
     with torch.no_grad():
@@ -487,13 +505,19 @@ def train_online(module: nn.Module, teachers: Teachers, images: Sequence[Tensor]
     epoch when ``cfg.augmentation == "online"``. ``scales``: ``target_scales`` when normalising."""
     spec = cfg.loss_spec()
     sites = spec.sites(depth)
-    aug = as_augment_config(cfg.augment_config) if cfg.augmentation == "online" else None
-    data = OnlineViews(images, cfg.online_views, aug, cfg.seed)
-    sampler = EpochBatchSampler(len(data), cfg.batch_size, cfg.total_steps(len(data)), cfg.seed, global_index=True)
+    data, sampler = online_batches(images, cfg)
     extra = {**(fingerprint or {}), "loss": dataclass_json(spec)}
     # the teachers' hash reads every frozen weight: only when checkpointing (the loop calls it only then)
     hashes = lambda: f"{data.fingerprint()}|teachers={teachers.fingerprint()}"  # noqa: E731
     return _train(module, data, sampler, hashes, online_loss_fn(teachers, spec, sites, scales), cfg, extra)
+
+
+def online_batches(images: Sequence[Tensor], cfg: TrainConfig) -> tuple[OnlineViews, EpochBatchSampler]:
+    """The items (with ``cfg.online_views`` fresh views per image and epoch when ``augmentation="online"``)
+    and the batch order of one online run of ``cfg``'s length."""
+    aug = as_augment_config(cfg.augment_config) if cfg.augmentation == "online" else None
+    data = OnlineViews(images, cfg.online_views, aug, cfg.seed)
+    return data, EpochBatchSampler(len(data), cfg.batch_size, cfg.total_steps(len(data)), cfg.seed, global_index=True)
 
 
 def dataclass_json(obj: Any) -> str:
