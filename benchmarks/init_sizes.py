@@ -528,6 +528,8 @@ def summarize(rows: list[dict[str, Any]], budget: Budget, methods: Sequence[str]
                 if m == ref or not ours or not other:
                     continue
                 seeds = sorted({r["seed"] for r in ours} & {r["seed"] for r in other})
+                if len(seeds) < 3:  # no verdict without the protocol's seeds (a run cut short)
+                    continue
                 a = [r["acc"] for r in ours if r["seed"] in seeds]
                 b = [r["acc"] for r in other if r["seed"] in seeds]
                 versus.append({"regime": regime, "size": size, "other": m, "label": LABELS[m], "seeds": seeds,
@@ -548,13 +550,15 @@ def summarize(rows: list[dict[str, Any]], budget: Budget, methods: Sequence[str]
 def markdown(result: dict[str, Any], budget: Budget, methods: Sequence[str] = tuple(METHODS)) -> list[str]:
     s = result["summary"]
     quick = result["config"]["quick"]
-    lines = [
+    partial = result["config"].get("partial")
+    split = budget.split_sizes(budget.regimes[0])
+    lines = [*([f"**Partial: {partial}**", ""] if partial else []),
         f"**Budget: {'quick (`--quick`), not the full grid or the paper budget' if quick else 'full'}; "
         f"{len(budget.seeds)} seeds {budget.seeds}.** Teacher: {result['config']['teacher']}. "
         f"Bank: `{result['config']['bank']}`.",
         "",
-        f"Per task and seed: {budget.n_train} training / {budget.n_val} validation images (both from the train "
-        f"side) and {budget.n_test} test images (fixed). Fine-tune: {budget.ft_epochs:g} epoch of the training "
+        f"Per task and seed: {split['n_train']} training / {split['n_val']} validation images (both from the train "
+        f"side) and {split['n_test']} test images (fixed). Fine-tune: {budget.ft_epochs:g} epoch of the training "
         f"images, stock `Trainer`, batch 64, AdamW wd 0.05, cosine. Fitting methods: {budget.fit_steps} steps x "
         f"batch {budget.fit_batch} on {budget.fit_images} of the training images, charged in images seen. "
         f"Search budget: {SEARCH_BUDGET} candidates per method and cell, chosen on validation "
@@ -592,6 +596,7 @@ def markdown(result: dict[str, Any], budget: Budget, methods: Sequence[str] = tu
             lines.append(f"| {t['label']} | {t['sizes']} | {t['wins']} | {t['ties']} | {t['losses']} | "
                          f"{100 * t['mean_margin']:+.1f} |")
         lines.append("")
+    lines += validation_choice(result.get("rows", []), methods)
     sp = result.get("speed")
     if sp:
         lines += ["## Speed and scale (no choices)", "", "| check | measured |", "|---|---|"]
@@ -618,6 +623,24 @@ def markdown(result: dict[str, Any], budget: Budget, methods: Sequence[str] = tu
     if quick:
         lines.append("- Quick budget: small splits and short fits; the standing may change at the full budget.")
     return lines
+
+
+def validation_choice(rows: list[dict[str, Any]], methods: Sequence[str]) -> list[str]:
+    """For an ablation: each row's mean *validation* accuracy over the (size, seed) cells every row finished,
+    and the best one, which is what a library default may be set from (never from test)."""
+    if not any(m in VARIANTS for m in methods):
+        return []
+    cells = {m: {(r["regime"], r["size"], r["seed"]): r["acc_val"] for r in rows if r["method"] == m and not r["na"]}
+             for m in methods}
+    common = set.intersection(*(set(c) for c in cells.values() if c)) if any(cells.values()) else set()
+    if not common:
+        return []
+    means = {m: statistics.mean(cells[m][k] for k in common) for m in methods if cells[m]}
+    best = max(means, key=means.get)
+    return ["## Default chosen on validation", "",
+            f"Mean validation accuracy over the {len(common)} (size, seed) cells every row finished:", "",
+            "| row | validation % |", "|---|---|",
+            *[f"| {LABELS[m]}{' (chosen)' if m == best else ''} | {100 * v:.2f} |" for m, v in means.items()], ""]
 
 
 def _ms(s: dict[str, float]) -> str:
@@ -667,6 +690,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--name", default="init_sizes", help="results file stem")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *VARIANTS],
                         help="rows (the last is compared with each other one), e.g. an ablation of VARIANTS")
+    parser.add_argument("--from-rows", type=Path, default=None,
+                        help="render the results from a --rows-log file of a run cut short (e.g. on a lent GPU "
+                             "machine) instead of running; the cells it lacks are reported missing")
+    parser.add_argument("--ran-on", default=None, help="with --from-rows: where the rows were computed")
     parser.add_argument("--rows-log", type=Path, default=None,
                         help="also append every finished row to this JSON-lines file (a run cut short keeps them)")
     args = parser.parse_args(argv)
@@ -682,11 +709,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         budget.sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
     jobs = [(regime, d, w, budget, method, seed) for regime in budget.regimes for d, w in budget.sizes
             for method in args.methods for seed in budget.seeds]
-    rows = run_parallel(run_cell, jobs, args.workers, str(teacher_dir), bank, rows_log=args.rows_log)
+    partial = None
+    if args.from_rows:
+        rows = [json.loads(line) for line in args.from_rows.read_text().splitlines() if line.strip()]
+        partial = (f"rows computed on {args.ran_on or 'another machine'} by a run cut short: {len(rows)} of "
+                   f"{len(jobs)} (method, size, seed) rows finished; rendered here from its row log. Cells "
+                   "with fewer than 3 seeds are shown with the seeds they have; missing cells are absent.")
+    else:
+        rows = run_parallel(run_cell, jobs, args.workers, str(teacher_dir), bank, rows_log=args.rows_log)
     _setup_worker(str(teacher_dir), bank, 1)
     teacher_acc = accuracy(_teacher(), _data("fashion_mnist", budget, budget.seeds[0])["test"])
     selected = [r.pop("selection") for r in rows if not r["na"]]
-    config = {"quick": args.quick, "bank": bank, "teacher": f"{teacher_desc}, test accuracy {100 * teacher_acc:.1f}%",
+    config = {"quick": args.quick, "partial": partial, "bank": bank, "teacher": f"{teacher_desc}, test accuracy {100 * teacher_acc:.1f}%",
               "teacher_test_acc": teacher_acc, "seeds": budget.seeds, "workers": args.workers,
               "split_sizes": {"train": budget.n_train, "validation": budget.n_val, "test": budget.n_test,
                               "train_pool": budget.pool},
@@ -694,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                           "search_budget_per_method": SEARCH_BUDGET, "ft_lrs": FT_LRS, "fit_ft_lrs": FIT_FT_LRS,
                           "fit_lrs": FIT_LRS},
               "methods": {m: LABELS[m] for m in args.methods}}
-    result = {"config": config, "summary": summarize(rows, budget, args.methods)}
+    result = {"config": config, "summary": summarize(rows, budget, args.methods), "rows": rows}
     if not args.no_speed:
         result["speed"] = speed_section(str(teacher_dir), bank, budget.sizes, args.quick)
         result["summary"]["speed"] = result["speed"]
