@@ -6,7 +6,14 @@
 #   bash benchmarks/gpu_run.sh smoke OUT_DIR   # the same code paths at tiny budgets (a check, not a result)
 #
 # Every job is cut at $LIMIT seconds; each appends its finished rows to OUT_DIR/<name>.rows.jsonl as it goes,
-# so a job cut short still leaves its rows. OUT_DIR/results.tgz holds benchmarks/results and the logs.
+# so a job cut short still leaves its rows (render them with `init_sizes.py ... --from-rows FILE --ran-on TEXT`).
+# OUT_DIR/results.tgz holds benchmarks/results and the logs.
+#
+# Measured on one H200 (2026-11-30, all four jobs side by side, 4-5 processes each, cut at 505 s): the 28 px
+# grids finished 39-70 of 144 rows each (a cell of 4 fine-tunes took 7-16 s) and the ablation 46 of 90, but
+# real_teacher's four stage-1 distillations (3,000 steps each, in parallel with ~16 other processes on the
+# one GPU) did not finish: without MPS the GPU time-slices between processes, so the small-kernel jobs starve
+# each other. Next time: ONLY=real_teacher first, alone, then the grids.
 set -u
 MODE=${1:?full or smoke}
 OUT_DIR=${2:?output folder}
@@ -33,6 +40,12 @@ job() {  # name, then the benchmark's arguments
   echo "$name exit $? at $(date -u +%T)" >> "$OUT_DIR/status.txt"
 }
 echo "start $(date -u +%T)" > "$OUT_DIR/status.txt"
+if [ "${ONLY:-}" = real_teacher ]; then
+  job real_teacher benchmarks/real_teacher.py "${REAL[@]}" --workers "$WORKERS"
+  tar -czf "$OUT_DIR/results.tgz" benchmarks/results "$OUT_DIR"/*.log "$OUT_DIR"/*.jsonl "$OUT_DIR"/*.txt 2>/dev/null
+  cat "$OUT_DIR/status.txt"
+  exit 0
+fi
 job real_teacher benchmarks/real_teacher.py "${REAL[@]}" --workers $((WORKERS + 1)) &
 # The aux-probe teacher is made once, before the three grids that share it start.
 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import init_sizes, protocol; protocol.setup_process(1); \
