@@ -7,6 +7,7 @@ product keeps q, k and v in their own regions, and heads stay whole.
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 
 import torch
@@ -83,22 +84,31 @@ def nearest_kronecker_vector(tensor: Tensor, num_templates: int, ratio: int) -> 
     return templates.to(tensor.dtype).contiguous(), scalers.to(tensor.dtype).contiguous()
 
 
-def interpolate_depth(per_layer: Tensor, depth: int) -> Tensor:
-    """Resample a per-layer stack ``(L_src, ...)`` to ``depth`` layers by relative depth ``(l + 1/2) / L``.
+@functools.lru_cache(maxsize=256)
+def _depth_plan(src: int, depth: int) -> tuple[tuple[int, float, float] | int, ...]:
+    """Per target layer: the source layer it copies (an ``int``), or ``(lo, 1 - w, w)`` to blend ``lo, lo+1``.
 
-    Exact rational arithmetic, so ``depth == L_src`` returns the input bit for bit.
-    """
-    src = per_layer.shape[0]
-    rows = []
+    Exact rational arithmetic, computed once per ``(src, depth)`` (the rule runs on every ``build``)."""
+    plan: list[tuple[int, float, float] | int] = []
     for layer in range(depth):
         pos = Fraction(2 * layer + 1, 2 * depth) * src - Fraction(1, 2)
         pos = min(max(pos, Fraction(0)), Fraction(src - 1))
         lo = int(pos)
         w = pos - lo
-        if w == 0:
-            rows.append(per_layer[lo])
-        else:
-            rows.append(per_layer[lo] * float(1 - w) + per_layer[lo + 1] * float(w))
+        plan.append(lo if w == 0 else (lo, float(1 - w), float(w)))
+    return tuple(plan)
+
+
+def interpolate_depth(per_layer: Tensor, depth: int) -> Tensor:
+    """Resample a per-layer stack ``(L_src, ...)`` to ``depth`` layers by relative depth ``(l + 1/2) / L``.
+
+    Exact rational arithmetic, so ``depth == L_src`` returns the input bit for bit.
+    """
+    plan = _depth_plan(per_layer.shape[0], depth)
+    if all(isinstance(step, int) for step in plan):  # pure copies (e.g. the same depth): one gather
+        return per_layer[torch.tensor(plan, dtype=torch.long)]
+    rows = [per_layer[step] if isinstance(step, int)
+            else per_layer[step[0]] * step[1] + per_layer[step[0] + 1] * step[2] for step in plan]
     return torch.stack(rows)
 
 
