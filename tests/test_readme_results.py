@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -124,3 +125,26 @@ def test_protocol_win_rule_and_validation_record(tmp_path):
     assert json.loads((tmp_path / "toy.json").read_text())["envelope"]["selected_on"] == ["validation"]
     assert out["envelope"]["git"]["revision"] and "## Provenance" in (tmp_path / "toy.md").read_text()
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_protocol_pools_are_raw_safetensors_and_match_the_loader(tmp_path, monkeypatch):
+    """The benchmarks' data: stored bytes cached as safetensors + JSON (nothing unpickled), and every image
+    size derived from them equals what ``wave_hf.data`` makes of the same images."""
+    from wave_hf.data import Preprocessing, load_image_dataset
+
+    monkeypatch.setenv("WAVE_HF_CACHE", str(tmp_path))
+    p = _protocol()
+    raw = p.raw_pool("digits", 300, 100)
+    assert raw["xtr"].dtype == torch.uint8 and raw["xtr"].shape == (300, 8, 8) and len(raw["xte"]) == 100
+    assert sorted(f.name for f in (tmp_path / "splits").iterdir()) == [
+        "digits-pool300-test100-seed0.raw.json", "digits-pool300-test100-seed0.raw.safetensors"]
+    pre = Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic")
+    train, test = p.load_pool("digits", 300, 100, image_size=16, num_channels=3, preprocessing=pre)
+    direct = load_image_dataset("digits", image_size=16, num_channels=3, train_limit=300, test_limit=100,
+                                seed=p.DATA_SEED, preprocessing=pre)
+    assert torch.equal(train.pixel_values, torch.stack([direct["train"][i]["pixel_values"] for i in range(300)]))
+    assert torch.equal(test.labels, torch.tensor([direct["test"][i]["labels"] for i in range(100)]))
+    assert train.names == direct["train"].features["label"].names
+    split = p.splits("digits", 1, n_train=200, n_val=50, n_test=100, pool=300, image_size=16, num_channels=3,
+                     preprocessing=pre)
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (200, 50, 100)
