@@ -344,3 +344,31 @@ def test_cli_merge_bad_input(models3, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_merge_feeds_the_sources_own_preprocessing(models3, tmp_path, capsys, monkeypatch):
+    """The merge data is normalised as the sources were trained (their saved image processor); sources saved
+    with different processors are refused, naming them."""
+    from transformers import ViTImageProcessor
+
+    import wave_hf.data
+    from wave_hf.cli import main
+
+    seen = []
+    real = wave_hf.data.load_image_dataset
+    monkeypatch.setattr(wave_hf.data, "load_image_dataset",
+                        lambda *a, **kw: seen.append(kw["preprocessing"]) or real(*a, **kw))
+    paths = []
+    for i, m in enumerate(models3[:2]):
+        m.save_pretrained(tmp_path / f"src{i}")
+        ViTImageProcessor(image_mean=[0.3], image_std=[0.2], resample=3).save_pretrained(tmp_path / f"src{i}")
+        paths.append(str(tmp_path / f"src{i}"))
+    assert main(["merge", "--models", *paths, "--tasks", "a", "b", "--data", "digits", "digits",
+                 "--method", "regmean", "--images-per-task", "8", "--out", str(tmp_path / "m")]) == 0
+    assert [(p.image_mean, p.image_std, p.resample) for p in seen] == [((0.3,), (0.2,), "bicubic")] * 2
+    ViTImageProcessor(image_mean=[0.5], image_std=[0.5]).save_pretrained(tmp_path / "src1")
+    capsys.readouterr()
+    assert main(["merge", "--models", *paths, "--tasks", "a", "b", "--data", "digits", "digits",
+                 "--method", "regmean", "--out", str(tmp_path / "m2")]) == 2
+    err = capsys.readouterr().err
+    assert "different preprocessing" in err and paths[1] in err and len(err.strip().splitlines()) == 1

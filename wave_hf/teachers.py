@@ -283,7 +283,7 @@ def load_teacher(teacher: Any, *, image_size: int | None = None, head: str = "au
     if isinstance(teacher, nn.Module):
         family = _family_of_model(teacher)
         name = getattr(getattr(teacher, "config", None), "_name_or_path", None) or None
-        preprocessing = _folder_preprocessing(name, family) if name and os.path.isdir(name) else \
+        preprocessing = folder_preprocessing(name, family) if name and os.path.isdir(name) else \
             FAMILY_PREPROCESSING[family]
         return _apply_head(_from_model(teacher, image_size, preprocessing, name, "trained"), head)
     if not isinstance(teacher, (str, os.PathLike)):
@@ -306,7 +306,7 @@ def load_teacher(teacher: Any, *, image_size: int | None = None, head: str = "au
     missing = [k for k in info.get("missing_keys", []) if "classifier" in k]
     if missing:
         status = f"missing: the checkpoint has no {missing[0]}, transformers initialised it at random"
-    out = _from_model(model, image_size, _folder_preprocessing(name, family), name, status)
+    out = _from_model(model, image_size, folder_preprocessing(name, family), name, status)
     if missing:
         out = out.without_head()
         out.head_status = status
@@ -342,7 +342,7 @@ def _family_of_config(config: Any, name: str) -> str:
     return family
 
 
-def _folder_preprocessing(name: str, family: str) -> Preprocessing:
+def folder_preprocessing(name: str, family: str) -> Preprocessing:
     """Mean/std/resample of the image processor saved with the checkpoint, else the family's defaults."""
     from transformers.image_processing_base import ImageProcessingMixin
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..data import Preprocessing
 
 EPILOG = """examples:
   wave-hf merge --models vit-a vit-b --tasks fashion digits --data fashion_mnist digits --out merged
@@ -75,9 +79,11 @@ def cmd_merge(args) -> dict:
         from ..data import load_image_dataset
 
         c = models[0].config
+        preprocessing = _sources_preprocessing(args.models)
         datasets = [
             load_image_dataset(src, image_size=c.image_size, num_channels=c.num_channels,
-                               train_limit=max(args.images_per_task * 4, 1000), seed=args.seed)["train"]
+                               train_limit=max(args.images_per_task * 4, 1000), seed=args.seed,
+                               preprocessing=preprocessing)["train"]
             for src in args.data
         ]
     result = merge(models, args.tasks, args.method, train_datasets=datasets, images_per_task=args.images_per_task,
@@ -88,6 +94,21 @@ def cmd_merge(args) -> dict:
             "single_model": result.is_single_model,
             "trainable_parameters": result.metadata.get("trainable_parameters", 0),
             "wall_time_s": result.metadata.get("wall_time_s")}
+
+
+def _sources_preprocessing(models: list[str]) -> Preprocessing:
+    """The one preprocessing every source was saved with (its ``preprocessor_config.json``, else the ViT
+    defaults): the merge runs every source on the same images, so sources that disagree are refused, naming
+    them, rather than some of them being fed pixels they were not trained on."""
+    from ..teachers import folder_preprocessing
+
+    found = {m: folder_preprocessing(m, "vit") for m in models}
+    values = {(p.image_mean, p.image_std, p.resample) for p in found.values()}
+    if len(values) > 1:
+        listed = "; ".join(f"{m}: mean {p.image_mean}, std {p.image_std}, {p.resample}" for m, p in found.items())
+        raise ValueError(f"the source models were saved with different preprocessing ({listed}); merging feeds "
+                         "every model the same pixels, so re-save them with one image processor")
+    return next(iter(found.values()))
 
 
 def add_merge_subparser(subparsers, parents: list[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
