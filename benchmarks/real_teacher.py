@@ -104,6 +104,16 @@ BUDGETS: dict[str, tuple[Stage1, Budget]] = {
 }
 
 
+#: What a small budget can and cannot show (fixed in advance, by budget, not read off the results).
+QUICK_NOTE = {
+    "quick": ["- **The quick budget's fine-tune is 16 optimizer steps** (500 images, 2 epochs, batch 64) at 112 px: "
+              "every model stays far from trained, so the grid checks the code path and says little about the "
+              "ranking; stage 1 and the probes (no fine-tuning) are the informative part. The `gpu` budget is "
+              "the issue's grid."],
+    "smoke": ["- Smoke budget: a check that every code path runs, not a result."],
+}
+
+
 def _pixels(teacher: Teacher) -> dict[str, Any]:
     return {"image_size": IMAGE_SIZE, "num_channels": 3, "preprocessing": teacher.preprocessing}
 
@@ -321,7 +331,7 @@ def markdown(res: dict[str, Any], stage: Stage1, budget: Budget, budget_name: st
                         f"{100 * by[m]['margin']:+.1f} +- {100 * by[m]['spread']:.1f} {by[m]['verdict']}" if m in by
                         else "n/a" for m in METHODS[:-1]) + " |")
         lines.append("")
-    lines += ["## Notes", "",
+    lines += ["## Notes", "", *QUICK_NOTE.get(budget_name, []),
               "- Weight Selection (both rows) is n/a above the teacher's width (384) by construction.",
               "- The bank is distilled on Fashion-MNIST images only; MNIST is a task neither the teacher's "
               "pretraining labels nor the bank saw.",
@@ -366,11 +376,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes (1 torch thread each)")
     parser.add_argument("--rows-log", type=Path, default=None,
                         help="append each finished grid row (and stage 1's record) to this JSON-lines file")
+    parser.add_argument("--resummarize", action="store_true",
+                        help="re-render the markdown and summary of the stored results file (no rerun)")
     parser.add_argument("--name", default=None, help="results file stem (default real_teacher; smoke: _smoke.*)")
     args = parser.parse_args(argv)
     args.name = args.name or ("_smoke.real_teacher" if args.budget == "smoke" else "real_teacher")
     stage, budget = copy.deepcopy(BUDGETS[args.budget])
     budget.regimes = list(REGIMES)
+    if args.resummarize:
+        stored = json.loads((protocol.RESULTS / f"{args.name}.json").read_text())["summary"]
+        protocol.resummarize(
+            args.name, lambda rows: {**stored, **summarize(rows, budget)},
+            lambda summary, config: markdown({"stage1": summary["stage1"], "keeps": summary["keeps"],
+                                              "summary": summary}, stage, budget, config["budget"]),
+            title=f"WAVE on a real teacher: DINOv2 ViT-S/14 at {IMAGE_SIZE} px")
+        print((protocol.RESULTS / f"{args.name}.md").read_text(), flush=True)
+        return 0
     protocol.setup_process(1)
     load_dinov2_teacher(DEFAULT_CACHE, verify=False)  # converts once, then the cached folder
     t0 = time.perf_counter()
