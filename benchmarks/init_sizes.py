@@ -647,13 +647,17 @@ def _ms(s: dict[str, float]) -> str:
     return f"{100 * s['mean']:.1f} +- {100 * s['std']:.1f} [{100 * s['min']:.1f}, {100 * s['max']:.1f}]"
 
 
-def plot(result: dict[str, Any], path: Path, budget: Budget, methods: Sequence[str] = tuple(METHODS)) -> None:
+def plot(result: dict[str, Any], path: Path, budget: Budget, methods: Sequence[str] = tuple(METHODS),
+         titles: dict[str, str] | None = None) -> None:
+    """Accuracy after fine-tuning against parameters, one panel per regime (``titles``: panel titles)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     regimes = [g for g in budget.regimes if any(c["regime"] == g for c in result["summary"]["cells"])]
+    if not regimes:
+        return
     fig, axes = plt.subplots(1, len(regimes), figsize=(6.5 * len(regimes), 4.8), squeeze=False)
     for ax, regime in zip(axes[0], regimes):
         for m in methods:
@@ -666,7 +670,7 @@ def plot(result: dict[str, Any], path: Path, budget: Budget, methods: Sequence[s
         ax.set_xscale("log")
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel("test accuracy after fine-tune (%), mean +- std")
-        ax.set_title(REGIMES[regime])
+        ax.set_title((titles or REGIMES)[regime])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

@@ -339,37 +339,6 @@ def markdown(res: dict[str, Any], stage: Stage1, budget: Budget, budget_name: st
     return lines
 
 
-def plot(res: dict[str, Any], path: Path, budget: Budget) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    regimes = [g for g in budget.regimes if any(c["regime"] == g for c in res["summary"]["cells"])]
-    if not regimes:
-        return
-    fig, axes = plt.subplots(1, len(regimes), figsize=(6.5 * len(regimes), 4.8), squeeze=False)
-    for ax, regime in zip(axes[0], regimes):
-        for m in METHODS:
-            pts = sorted((c["params"], c["acc"]) for c in res["summary"]["cells"]
-                         if c["regime"] == regime and c["method"] == m)
-            if pts:
-                ax.errorbar([p / 1e6 for p, _ in pts], [100 * a["mean"] for _, a in pts],
-                            yerr=[100 * a["std"] for _, a in pts], fmt="-o" if m.startswith("wave") else "--s",
-                            label=init_sizes.LABELS[m], ms=4, capsize=2)
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters (M)")
-        ax.set_ylabel("test accuracy after fine-tune (%), mean +- std")
-        ax.set_title(f"{REGIMES[regime]}, teacher DINOv2 ViT-S/14")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", choices=list(BUDGETS), default="quick")
@@ -418,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     protocol.write_results(args.name, rows, config=config, selected=selected, summary=summary,
                            markdown=markdown(res, stage, budget, args.budget),
                            title=f"WAVE on a real teacher: DINOv2 ViT-S/14 at {IMAGE_SIZE} px")
-    plot(res, protocol.RESULTS / f"{args.name}.png", budget)
+    init_sizes.plot(res, protocol.RESULTS / f"{args.name}.png", budget, METHODS,
+                    titles={g: f"{label}, teacher DINOv2 ViT-S/14" for g, label in REGIMES.items()})
     print((protocol.RESULTS / f"{args.name}.md").read_text(), flush=True)
     return 0
 
