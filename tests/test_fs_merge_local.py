@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_merge import TASKS3, tiny_vit
+from test_merge import TASKS3, noise_images, tiny_vit, tiny_vits
 from transformers import ViTForImageClassification
 
 from wave_hf.merge import MERGE_METHODS, get_method, merge
@@ -19,13 +19,12 @@ LOCAL = dict(schedule="local", rank=2, images_per_task=8, augment_copies=0, batc
 
 @pytest.fixture(scope="module")
 def models4():
-    return [tiny_vit(i, num_labels=3 + i) for i in range(4)]
+    return tiny_vits(4)
 
 
 @pytest.fixture(scope="module")
 def data2():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(8, 1, 28, 28, generator=g).clamp(-1, 1) for _ in range(2)]
+    return noise_images(2, 8, clamp=True)
 
 
 @pytest.fixture(scope="module")

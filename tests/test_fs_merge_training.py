@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_merge import TASKS3, randomize_, tiny_vit
+from test_merge import TASKS3, noise_images, randomize_, tiny_vits
 
 from wave_hf.merge import merge
 from wave_hf.merge.common import AugmentConfig, augment_view, encoder_state, mix_batch, site_features
@@ -26,13 +26,12 @@ FAST = dict(images_per_task=8, batch_size=8, progress=False)
 
 @pytest.fixture(scope="module")
 def models2():
-    return [tiny_vit(i, num_labels=3 + i) for i in range(2)]
+    return tiny_vits(2)
 
 
 @pytest.fixture(scope="module")
 def data2():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(12, 1, 28, 28, generator=g).clamp(-1, 1) for _ in range(2)]
+    return noise_images(2, 12, clamp=True)
 
 
 def rng(*key: int) -> np.random.Generator:

@@ -46,15 +46,26 @@ def tiny_vit(seed: int, num_labels: int = 3, **overrides) -> ViTForImageClassifi
     return model
 
 
+def tiny_vits(n: int) -> list[ViTForImageClassification]:
+    """The merge tests' sources: ``n`` tiny ViTs, each from its own init, with 3, 4, ... labels."""
+    return [tiny_vit(i, num_labels=3 + i) for i in range(n)]
+
+
+def noise_images(n_sets: int, count: int, *, clamp: bool = False) -> list[torch.Tensor]:
+    """``n_sets`` seeded batches of ``count`` grey 28x28 images (clamped to the pixel range if asked)."""
+    g = torch.Generator().manual_seed(0)
+    sets = [torch.randn(count, 1, 28, 28, generator=g) for _ in range(n_sets)]
+    return [x.clamp(-1, 1) for x in sets] if clamp else sets
+
+
 @pytest.fixture(scope="module")
 def models3():
-    return [tiny_vit(i, num_labels=3 + i) for i in range(3)]
+    return tiny_vits(3)
 
 
 @pytest.fixture(scope="module")
 def data3():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(24, 1, 28, 28, generator=g) for _ in range(3)]
+    return noise_images(3, 24)
 
 
 @pytest.fixture
