@@ -91,10 +91,29 @@ def test_supernet_and_folded_model_agree(models3, pixels, n, rank, init):
     merged = net.fold()
     for i, task in enumerate(tasks):
         with torch.no_grad():
-            ref = net.logits(pixels, i)
+            w, b = net.head(i)  # the reference runs the N per-model streams, not the fold
+            ref = net.u_task(net.streamed_tokens(pixels)[:, 0])[:, i] @ w.T + b
             out = merged.for_task(task)(pixel_values=pixels).logits
         assert out.shape == (5, 3 + i)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(net.logits(pixels, i).detach(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n, rank", [(2, 4), (3, 0), (3, 2)])
+def test_folded_training_forward_matches_the_per_model_streams(models3, pixels, n, rank):
+    """The SuperNet trains through its fold (one stock ViT forward): same feature and same gradients as the
+    N factored per-model streams, for every trainable tensor."""
+    net = randomize_(SuperNet(models3[:n], TASKS3[:n], rank=rank, init="first"), scale=0.05)
+    params = [p for p in net.parameters() if p.requires_grad]
+    fast, ref = net.merged_tokens(pixels), net.streamed_tokens(pixels)
+    torch.testing.assert_close(fast, ref, atol=2e-5, rtol=0)
+    g_fast = torch.autograd.grad(fast.square().mean(), params, allow_unused=True)
+    g_ref = torch.autograd.grad(ref.square().mean(), params, allow_unused=True)
+    names = [name for name, p in net.named_parameters() if p.requires_grad]
+    for name, a, b in zip(names, g_fast, g_ref):
+        assert (a is None) == (b is None) == name.startswith("u_task."), name  # u_task acts after the stream
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_first_init_folds_to_model_1(models3, pixels):

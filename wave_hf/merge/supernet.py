@@ -12,6 +12,12 @@ zero (LoRA-style), so at init only the diagonals act. The maps are applied in th
 never materialised as dense (N*e x e) matrices during training. Everything else (LayerNorms, softmax
 attention, GELU, residual adds, cls/pos) runs once on the merged width-d stream, which is what makes the
 network foldable (see ``fold.py``): ``W* = sum_i M^(i).T W_i U^(i).T``, ``b* = sum_i b_i @ M^(i)``.
+
+Because it is foldable, the merged feature is computed by folding first (differentiably, O(N d^2 r) per
+linear) and running ONE stock ViT forward on the folded weights: the same function as the N per-model
+streams (equal up to float rounding; tested), at about a KD step's cost and with activation memory that does
+not grow with N. The per-model streams (``SuperBlock.forward_sites``) run only when a loss reads them (the
+inner attention / MLP sites).
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn import functional as F
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ViTConfig, ViTForImageClassification, ViTModel
 from transformers.activations import ACT2FN
 
 from .. import vit_layout as L
 from .common import head_state, id2label_of, validate_models
+from .fold import fold_supernet, folded_encoder
 
 INITS = ("first", "average")
 
@@ -197,6 +205,9 @@ class SuperNet(nn.Module):
             self.register_buffer(f"head_b_{i}", b.float())
         for buf in self.buffers():
             buf.requires_grad_(False)
+        with torch.device("meta"):  # the stock encoder that runs the folded weights; holds no tensor of its own
+            vit = ViTModel(config, add_pooling_layer=False).eval()
+        object.__setattr__(self, "_folded_vit", vit)  # not a submodule: no parameters, not saved, never trained
 
     @property
     def n(self) -> int:
@@ -207,7 +218,17 @@ class SuperNet(nn.Module):
 
     def merged_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """f*: the merged CLS feature after the merged final LayerNorm, (B, d)."""
-        return self.final_ln(self._stream(pixel_values))[:, 0]
+        return self.merged_tokens(pixel_values)[:, 0]
+
+    def merged_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Every merged output token after the final LayerNorm, (B, T, d): one stock ViT forward on the folded
+        weights (see the module docstring)."""
+        state = {k.removeprefix(L.ENCODER_PREFIX): v for k, v in folded_encoder(self).items()}
+        return functional_call(self._folded_vit, state, (pixel_values,)).last_hidden_state
+
+    def streamed_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``merged_tokens`` through the N per-model streams (the factored form, no folding): the reference."""
+        return self.final_ln(self._stream(pixel_values))
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         b, d = pixel_values.shape[0], self.config.hidden_size
@@ -230,6 +251,9 @@ class SuperNet(nn.Module):
         output of block l, every token)."""
         want = set(sites)
         out: dict[str, torch.Tensor] = {}
+        if want == {"final"}:  # nothing per-model inside: the folded forward
+            h = self.merged_tokens(pixel_values)
+            return {"final": self.u_task(h[:, :1] if tokens == "cls" else h)}
         x = self._embed(pixel_values)
         for layer, block in enumerate(self.blocks):
             att_site, mlp_site = f"att{layer}", f"mlp{layer}"
@@ -268,6 +292,4 @@ class SuperNet(nn.Module):
 
     def fold(self):
         """One stock ViT encoder + one head per task (exact). See ``fold.fold_supernet``."""
-        from .fold import fold_supernet
-
         return fold_supernet(self)
