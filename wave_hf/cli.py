@@ -167,7 +167,7 @@ def cmd_train(args) -> dict:
     train = data["train"]
     if args.train_limit:
         train = train.shuffle(seed=args.seed).select(range(min(args.train_limit, len(train))))
-    finetune(model, train, epochs=args.epochs, learning_rate=args.lr, seed=args.seed)
+    finetune(model, train, epochs=args.epochs, learning_rate=args.lr, seed=args.seed, layer_decay=args.layer_decay)
     acc = evaluate(model, data["test"])
     saved = _save_model(model, args, init.config, accuracy=acc, dataset=args.data)
     return {"out": args.out, "test_accuracy": acc, **saved}
@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-steps", type=int_arg(0), default=300, help="scaler-fitting steps before fine-tuning (0: skip)")
     p.add_argument("--epochs", type=float_arg(0), default=1.0)
     p.add_argument("--lr", type=float_arg(0), default=5e-4)
+    p.add_argument("--layer-decay", type=float_arg(0, high=1), default=1.0,
+                   help="layer-wise lr decay in (0, 1]: block l of L trains at lr * decay ** (L - l), the embeddings "
+                        "at decay ** (L + 1), the head at lr (BEiT / DeiT III); 1 = off")
     p.add_argument("--train-limit", type=int_arg(1), default=None, help="fine-tune on at most this many images")
     output_args(p)
     p.set_defaults(func=cmd_train)

@@ -25,17 +25,20 @@ def int_arg(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def float_arg(low: float, *, inclusive: bool = False) -> Callable[[str], float]:
-    """An argparse ``type`` for a finite float above ``low`` (or at it, with ``inclusive``)."""
+def float_arg(low: float, *, inclusive: bool = False, high: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite float above ``low`` (or at it, with ``inclusive``) and, with ``high``,
+    at most ``high``."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not math.isfinite(value) or value < low or (value == low and not inclusive):
-            raise argparse.ArgumentTypeError(
-                f"must be a finite number {'>=' if inclusive else '>'} {low:g}, got {text!r}")
+        if (not math.isfinite(value) or value < low or (value == low and not inclusive)
+                or (high is not None and value > high)):
+            accepted = (f"in {'[' if inclusive else '('}{low:g}, {high:g}]" if high is not None
+                        else f"{'>=' if inclusive else '>'} {low:g}")
+            raise argparse.ArgumentTypeError(f"must be a finite number {accepted}, got {text!r}")
         return value
 
     parse.__name__ = "float"

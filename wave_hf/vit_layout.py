@@ -22,6 +22,9 @@ from .validation import MAX_DEPTH, MAX_NUM_LABELS, MAX_WIDTH, check_id2label, ch
 
 ENCODER_PREFIX = "vit."
 CLASSIFIER = "classifier"
+#: Prefix of every per-layer key (``vit.layers.N.``) and of every embedding key (patches, CLS, positions).
+LAYERS_PREFIX = ENCODER_PREFIX + "layers."
+EMBEDDINGS_PREFIX = ENCODER_PREFIX + "embeddings."
 
 # Per-layer tensors, by the short names the rest of the library uses.
 LAYER_MATRICES: dict[str, str] = {
@@ -80,7 +83,20 @@ FAMILY_EXTRA_TOKENS = {"vit": 0, "deit": 1, "dinov2": 0}
 def layer_key(layer: int, name: str) -> str:
     """Full state-dict key of a per-layer tensor, e.g. ``layer_key(3, "q")``."""
     table = LAYER_MATRICES if name in LAYER_MATRICES else LAYER_VECTORS
-    return f"{ENCODER_PREFIX}layers.{layer}.{table[name]}"
+    return f"{LAYERS_PREFIX}{layer}.{table[name]}"
+
+
+def depth_position(key: str, depth: int) -> int:
+    """Where a ``ViTForImageClassification`` parameter sits along the network, for layer-wise lr decay (BEiT's
+    layer id): 0 for the embeddings (patch projection, CLS token, positions), ``l + 1`` for block ``l``
+    (``0 <= l < depth``), ``depth + 1`` for everything after the blocks (final LayerNorm, classifier, a pooler).
+    A block index outside the model's depth raises (the key is not from a model of this depth)."""
+    if key.startswith(LAYERS_PREFIX):
+        index = key[len(LAYERS_PREFIX):].split(".", 1)[0]
+        if not index.isdigit() or int(index) >= depth:
+            raise ValueError(f"{key!r} is not a parameter of a ViT with {depth} layers")
+        return int(index) + 1
+    return 0 if key.startswith(EMBEDDINGS_PREFIX) else depth + 1
 
 
 def global_key(name: str) -> str:
