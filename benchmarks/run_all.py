@@ -3,13 +3,15 @@
     python benchmarks/run_all.py --quick          # quick budgets (3 seeds each): ~1 h on 2 shared cores
     python benchmarks/run_all.py                  # full budgets (hours on 2 cores; minutes on a GPU machine)
     python benchmarks/run_all.py --only merge     # some (build_speed, init_sizes, init_sizes_transfer,
-                                                  # init_ablation, data_efficiency, real_teacher, merge)
+                                                  # init_ablation, data_efficiency, real_teacher,
+                                                  # kronecker_start, merge)
 
 What it does:
 1. removes stale result files (``STALE``: outputs of older protocols and of the old ``--quick`` naming);
 2. runs ``build_speed``, ``init_sizes`` (the teacher's task), ``init_sizes_transfer`` (MNIST), ``init_ablation``
    (WAVE's levers, issue 17), ``data_efficiency`` (accuracy against training images, issue 17), ``real_teacher``
-   (DINOv2 ViT-S/14; its full budget is meant for a GPU) and ``merge``
+   (DINOv2 ViT-S/14; its full budget is meant for a GPU), ``kronecker_start`` (how much of DINOv2 the untrained
+   nearest-Kronecker start keeps, by capacity) and ``merge``
    (``--parallel``: everything after build_speed side by side, each in its own process), each with ``OMP_WAIT_POLICY=PASSIVE``, one torch thread per process, ``nice``;
    cached inputs are reused (teacher, template bank, merge source models, decoded splits under
    ``$WAVE_HF_CACHE``); when the ancestry teacher is not cached, ``init_sizes`` runs with ``--teacher
@@ -50,6 +52,7 @@ BENCHMARKS = {  # name (= result file stem) -> (script, arguments, quick argumen
                       [*ABLATION, "--quick"]),
     "data_efficiency": ("data_efficiency", ["--teacher", "aux-probe"], ["--quick", "--teacher", "aux-probe"]),
     "real_teacher": ("real_teacher", ["--budget", "gpu"], ["--budget", "quick"]),
+    "kronecker_start": ("kronecker_start", [], ["--quick"]),
     "merge": ("merge", [], ["--quick"]),
 }
 
