@@ -90,8 +90,8 @@ N_TRAINS = [50, 100, 200, 500, 1000, 2000]
 BUDGETS = {
     "full": Curve(sizes=[(6, 128)], n_trains=N_TRAINS, n_val=1000, n_test=5000, pool=6000, ft_steps=300,
                   ft_lrs=list(init_sizes.FT_LRS), fit_steps=100, fit_images=1000, fit_batch=64),
-    "quick": Curve(sizes=[(6, 128)], n_trains=N_TRAINS, n_val=500, n_test=1000, pool=3500, ft_steps=64,
-                   ft_lrs=[2.5e-4, 5e-4], fit_steps=100, fit_images=1000, fit_batch=32),
+    "quick": Curve(sizes=[(6, 128)], n_trains=N_TRAINS, n_val=500, n_test=1000, pool=3500, ft_steps=128,
+                   ft_lrs=[5e-4, 2e-3], fit_steps=100, fit_images=1000, fit_batch=32),
     "smoke": Curve(sizes=[(2, 64)], n_trains=[50, 200], n_val=100, n_test=1000, pool=3500, ft_steps=4,
                    ft_lrs=[5e-4, 1e-3], fit_steps=3, fit_images=64, fit_batch=16, seeds=[0]),
 }

@@ -106,12 +106,16 @@ def render_merge() -> str:
     if r is None or "envelope" not in r:
         return "(no `merge.json` yet: run `python benchmarks/run_all.py`)\n"
     env, cfg, s = r["envelope"], r["envelope"]["config"], r["summary"]
-    budget = (f"quick budget ({cfg['epochs']} epochs, not the paper's 100)" if cfg["quick"]
-              else f"full budget ({cfg['epochs']} epochs)")
+    budget = cfg.get("budget", "quick" if cfg["quick"] else "paper")
+    paper = "as the paper" if budget == "paper" else "not the paper's 100"
+    what = f"`{budget}` budget ({cfg['epochs']} epochs, {paper})"
+    defaults = s.get("defaults") or {}
+    chosen = (" Defaults chosen on validation first: " + "; ".join(f"{m} `{v}`" for m, v in defaults.items()) + "."
+              if defaults else "")
     lines = [
-        f"`merge.md`: {budget}; {len(env['seeds'])} seeds; tasks {', '.join(cfg['tasks'])}; FS-Merge's rank and "
-        f"KD's learning rate each chosen on validation from {cfg['budgets']['search_budget_per_method']} "
-        f"candidates. {_run_line(env)}.", "",
+        f"`merge.md`: {what}; {len(env['seeds'])} seeds; tasks {', '.join(cfg['tasks'])}; every trained method's "
+        f"learning rate chosen on validation from {cfg['budgets']['search_budget_per_method']} candidates per cell."
+        f"{chosen} {_run_line(env)}.", "",
         "Average task accuracy %, mean +- std over seeds, and trainable parameters:", "",
         "| N | images/task | FS-Merge | KD | KD + per-task maps | FS-Merge - KD | FS-Merge - KD + maps |",
         "|---|---|---|---|---|---|---|",
@@ -133,6 +137,11 @@ def render_merge() -> str:
     if ens:
         lines += ["", "Ensemble of the N originals (N models, not one): " + "; ".join(
             f"N={c['n']} k={c['images_per_task']} {_ms(c['avg_acc'])}" for c in ens) + "."]
+    cost = s.get("cost") or []
+    if cost:
+        per = {(c["n"], c["method"]): c["s_per_step"] for c in cost}
+        lines += ["", "Training cost, FS-Merge / KD seconds per step (batch 64, 1 thread): " + "; ".join(
+            f"N={n} {per[(n, 'fs_merge')] / per[(n, 'kd')]:.2f}x" for n in sorted({c['n'] for c in cost})) + "."]
     return "\n".join(lines) + "\n"
 
 
