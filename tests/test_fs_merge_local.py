@@ -14,7 +14,7 @@ from wave_hf.merge.supernet import SuperNet
 from wave_hf.merge.train import Teachers
 
 TASKS = TASKS3[:2]
-LOCAL = dict(schedule="local", rank=2, images_per_task=8, augment_copies=0, batch_size=8, progress=False)
+LOCAL = dict(schedule="local", init="first", rank=2, images_per_task=8, augment_copies=0, batch_size=8, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,11 @@ def pixels():
 def test_schedule_is_an_fs_merge_option_and_global_by_default():
     assert "schedule" in MERGE_METHODS.options("fs_merge")  # hence `wave-hf merge --set schedule=local`
     assert get_method("fs_merge").schedule == "global"
+
+
+def test_default_init_is_the_validation_choice():
+    """``init="permute"`` won the defaults stage of benchmarks/merge.py on validation (merge.md)."""
+    assert get_method("fs_merge").init == "permute"
 
 
 @pytest.mark.parametrize("bad", ["blockwise", "Local", ""])
