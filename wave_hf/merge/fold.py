@@ -9,6 +9,7 @@ and ``fold_supernet`` evaluates it once in float64 for the stored float32 result
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,54 +21,76 @@ if TYPE_CHECKING:  # fold reads a SuperNet; the SuperNet imports fold (one direc
     from .supernet import MergeMap, SuperNet, UnmergeMap
 
 
-def fold_linear(w: torch.Tensor, b: torch.Tensor | None, u: UnmergeMap | None, m: MergeMap
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """w (N, out, in), b (N, out) -> ``W* = sum_i M_i.T W_i U_i.T`` (out, in), ``b* = sum_i b_i M_i`` (out).
+MapTensors = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # diag, a, b (see supernet.py)
 
-    ``u=None`` is the identity (the embeddings have no unmerge). Computed in ``w``'s dtype through the maps'
-    factors (diagonal + rank r), never as dense (N*e x e) blocks: O(N * out * in * r).
+
+def map_tensors(maps: Sequence[MergeMap | UnmergeMap], dtype: torch.dtype) -> MapTensors:
+    """The factors of several maps of one shape, stacked on a leading axis: ``(diag, a, b)`` (``a, b`` None at
+    rank 0). Folding every block's maps of one kind in one batched product keeps a training step's op count
+    independent of the depth."""
+    diag = torch.stack([m.diag for m in maps]).to(dtype)
+    if maps[0].a is None:
+        return diag, None, None
+    return diag, torch.stack([m.a for m in maps]).to(dtype), torch.stack([m.b for m in maps]).to(dtype)
+
+
+def fold_linear(w: torch.Tensor, b: torch.Tensor | None, u: MapTensors | None, m: MapTensors
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """w (..., N, out, in), b (..., N, out) -> ``W* = sum_i M_i.T W_i U_i.T`` (..., out, in) and
+    ``b* = sum_i b_i M_i`` (..., out), for maps given by ``map_tensors`` with the same leading axes.
+
+    ``u=None`` is the identity (the embeddings have no unmerge). Computed through the maps' factors (diagonal +
+    rank r), never as dense (N*e x e) blocks: O(N * out * in * r).
     """
-    dtype, n, out_dim = w.dtype, w.shape[0], w.shape[1]
-    cast = lambda t: t.to(dtype)  # noqa: E731
-    p = w.transpose(1, 2) * cast(m.diag)[:, None, :]  # P_i = W_i.T M_i: (N, in, out)
-    if m.a is not None:
-        a = cast(m.a).view(n, out_dim, -1)  # A_i: (N, out, r)
-        p = p + torch.einsum("noi,nor->nir", w, a) @ cast(m.b)
+    *lead, n, out_dim, in_dim = w.shape
+    m_diag, m_a, m_b = m
+    p = w.transpose(-1, -2) * m_diag[..., :, None, :]  # P_i = W_i.T M_i: (..., N, in, out)
+    a = None
+    if m_a is not None:
+        a = m_a.reshape(*lead, n, out_dim, -1)  # A_i: (..., N, out, r)
+        p = p + torch.einsum("...noi,...nor->...nir", w, a) @ m_b.unsqueeze(-3)
     if u is None:
-        k = p.sum(0)
+        k = p.sum(-3)
     else:
-        k = (cast(u.diag)[:, :, None] * p).sum(0)  # sum_i diag(E_i) P_i: (in, out)
-        if u.a is not None:
-            c = cast(u.a).view(-1, n, w.shape[2])  # C_i: (r, N, in)
-            k = k + cast(u.b) @ torch.einsum("rni,nio->ro", c, p)
+        u_diag, u_a, u_b = u
+        k = (u_diag[..., :, :, None] * p).sum(-3)  # sum_i diag(E_i) P_i: (..., in, out)
+        if u_a is not None:
+            c = u_a.reshape(*lead, -1, n, in_dim)  # C_i: (..., r, N, in)
+            k = k + u_b @ torch.einsum("...rni,...nio->...ro", c, p)
     if b is None:
-        return k.T, None
-    bias = (b * cast(m.diag)).sum(0)
-    if m.a is not None:
-        bias = bias + torch.einsum("no,nor->r", b, a) @ cast(m.b)
-    return k.T, bias
+        return k.transpose(-1, -2), None
+    bias = (b * m_diag).sum(-2)
+    if a is not None:
+        bias = bias + (torch.einsum("...no,...nor->...r", b, a).unsqueeze(-2) @ m_b).squeeze(-2)
+    return k.transpose(-1, -2), bias
 
 
 def folded_encoder(net: SuperNet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The SuperNet as the state of one stock ViT encoder (``vit.``-prefixed keys), in ``dtype``."""
     n, d = net.n, net.config.hidden_size
     state: dict[str, torch.Tensor] = {}
+    pre = map_tensors([net.m_pre], dtype)
     patch_w = net.patch_w.to(dtype).unflatten(0, (n, d))  # (N, d, C, p, p)
-    w, bias = fold_linear(patch_w.flatten(2), net.patch_b.to(dtype).view(n, d), None, net.m_pre)
-    state[L.global_key("patch_weight")] = w.view_as(patch_w[0])
-    state[L.global_key("patch_bias")] = bias
-    # cls (N, d) and pos (T, N, d) are per-model row vectors: fold them as one "linear" with T (or 1) rows.
-    cls, _ = fold_linear(net.cls.to(dtype)[:, None, :].transpose(1, 2), None, None, net.m_pre)
+    w, bias = fold_linear(patch_w.flatten(2)[None], net.patch_b.to(dtype).view(1, n, d), None, pre)
+    state[L.global_key("patch_weight")] = w[0].view_as(patch_w[0])
+    state[L.global_key("patch_bias")] = bias[0]
+    # cls (N, d) and pos (T, N, d) are per-model row vectors: fold them as one "linear" with 1 (or T) inputs.
+    cls, _ = fold_linear(net.cls.to(dtype)[None, :, :, None], None, None, pre)
     state[L.global_key("cls")] = cls.reshape(1, 1, d)
-    pos, _ = fold_linear(net.pos.to(dtype).permute(1, 2, 0), None, None, net.m_pre)
-    state[L.global_key("pos")] = pos.T.unsqueeze(0)
+    pos, _ = fold_linear(net.pos.to(dtype).permute(1, 2, 0)[None], None, None, pre)
+    state[L.global_key("pos")] = pos[0].T.unsqueeze(0)
     state[L.global_key("final_ln_weight")] = net.final_ln.weight.to(dtype)
     state[L.global_key("final_ln_bias")] = net.final_ln.bias.to(dtype)
-    for layer, block in enumerate(net.blocks):
-        for name, (u, m) in block.maps().items():
-            w, bias = fold_linear(getattr(block, f"w_{name}").to(dtype), getattr(block, f"b_{name}").to(dtype), u, m)
-            state[L.layer_key(layer, name)] = w
-            state[L.layer_key(layer, f"{name}_bias")] = bias
+    blocks = list(net.blocks)
+    for name in L.LAYER_LINEARS:  # one batched fold per kind of linear, over every block
+        pairs = [block.maps()[name] for block in blocks]
+        w = torch.stack([getattr(block, f"w_{name}") for block in blocks]).to(dtype)  # (L, N, out, in)
+        b = torch.stack([getattr(block, f"b_{name}") for block in blocks]).to(dtype)
+        w, bias = fold_linear(w, b, map_tensors([u for u, _ in pairs], dtype), map_tensors([m for _, m in pairs], dtype))
+        for layer in range(len(blocks)):
+            state[L.layer_key(layer, name)] = w[layer]
+            state[L.layer_key(layer, f"{name}_bias")] = bias[layer]
+    for layer, block in enumerate(blocks):
         for short, ln in (("ln1", block.ln1), ("ln2", block.ln2)):
             state[L.layer_key(layer, f"{short}_weight")] = ln.weight.to(dtype)
             state[L.layer_key(layer, f"{short}_bias")] = ln.bias.to(dtype)
