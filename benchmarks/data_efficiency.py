@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -312,10 +311,7 @@ def plot(summary: dict[str, Any], config: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    protocol.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- main

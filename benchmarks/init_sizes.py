@@ -713,10 +713,7 @@ def plot(result: dict[str, Any], path: Path, budget: Budget, methods: Sequence[s
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    protocol.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- main

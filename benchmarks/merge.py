@@ -394,10 +394,7 @@ def plot(summary: dict, path: Path) -> None:
     axes[0][0].set_ylabel("average task accuracy, mean +- std")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    protocol.save_figure(fig, path)
 
 
 # --- budgets, defaults on validation, parallel runs ---------------------------------------------------------

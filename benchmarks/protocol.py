@@ -262,6 +262,16 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Write a matplotlib figure atomically (readers never see half a png), then close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
 def envelope_md(env: dict[str, Any]) -> list[str]:
     m, g, v = env["machine"], env["git"], env["versions"]
     load = (f"load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end "
