@@ -145,7 +145,39 @@ def render_merge() -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_data_efficiency() -> str:
+    r = _load("data_efficiency")
+    if r is None or "envelope" not in r:
+        return "(no `data_efficiency.json` yet: run `python benchmarks/run_all.py`)\n"
+    env, s = r["envelope"], r["summary"]
+    cfg = env["config"]
+    curve = cfg.get("curve", {})
+    methods = [m for m in ("random", "weight_selection_matched", "wave_fitted")
+               if any(c["method"] == m for c in s["cells"])]
+    labels = {c["method"]: c["label"] for c in s["cells"]}
+    lines = [f"`data_efficiency.md`: `{cfg.get('budget', '?')}` budget, {curve.get('ft_steps', '?')} fine-tune steps "
+             f"whatever the number of images; {len(env['seeds'])} seeds; fine-tune lr chosen on validation. "
+             f"{_run_line(env)}.", "",
+             "Fashion-MNIST test accuracy %, mean +- std over seeds, after the fine-tune:", "",
+             "| size | training images | " + " | ".join(labels[m] for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    cells = {(c["size"], c["n_train"], c["method"]): c for c in s["cells"]}
+    for size, n in sorted({(c["size"], c["n_train"]) for c in s["cells"]}, key=lambda t: (t[0], t[1])):
+        lines.append(f"| {size} | {n} | " + " | ".join(
+            _ms(cells[(size, n, m)]["acc"]) if (size, n, m) in cells else "n/a" for m in methods) + " |")
+    for reach in s["reach"]:
+        if reach["method"] == "wave_fitted":
+            got = (f"from {reach['n']} images ({reach['n'] / reach['target_n']:.3g} of them)" if reach["n"] is not None
+                   else "not within the curve")
+            lines += ["", f"{reach['size']}: random init's mean at {reach['target_n']} images is "
+                      f"{100 * reach['target']:.1f}%; WAVE fitted reaches it {got} (issue 17's goal: <= "
+                      f"{s['goal_ratio']:g} of the images: {'met' if reach['meets_goal'] else 'not met'} at this "
+                      "budget)."]
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS = {"summary": render_summary, "init_sizes": render_init_sizes, "merge": render_merge,
+             "data_efficiency": render_data_efficiency,
              "init_sizes_transfer": lambda: render_init_sizes("init_sizes_transfer")}
 
 

@@ -44,7 +44,7 @@ def _block(name: str) -> str:
     return blocks[name]
 
 
-@pytest.mark.parametrize("name", ["summary", "init_sizes", "merge"])
+@pytest.mark.parametrize("name", ["summary", "init_sizes", "merge", "data_efficiency"])
 def test_readme_block_is_rendered_from_results(name):
     r = _renderer()
     assert _block(name) == r.RENDERERS[name](), (
