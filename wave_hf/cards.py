@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import PreTrainedModel
 from transformers.utils import logging
-
-if TYPE_CHECKING:
-    from .templates import TemplateBank
 
 CARD_DIR = Path(__file__).resolve().parent / "model_cards"
 TAGS = ["wave-hf", "wave", "weight-templates", "vit"]
@@ -58,9 +56,9 @@ def metrics_table(metrics: dict[str, Any] | None) -> str:
     return "## Measured\n\n| metric | value |\n|---|---|\n" + rows
 
 
-def bank_card(bank: TemplateBank, repo_id: str = "path/to/bank", extra: str = "",
+def bank_card(bank: PreTrainedModel, repo_id: str = "path/to/bank", extra: str = "",
               license: str | None = None) -> ModelCard:
-    """The bank's card: a bank is no pipeline model (no ``pipeline_tag``); ``base_model`` and ``datasets``
+    """The card of a ``TemplateBank``: a bank is no pipeline model (no ``pipeline_tag``); ``base_model`` and ``datasets``
     only when they are Hub repo ids; a model-index for the measured auxiliary accuracy."""
     cfg = bank.config
     metrics = cfg.metrics or {}

@@ -10,23 +10,19 @@ and ``fold_supernet`` evaluates it once in float64 for the stored float32 result
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .. import vit_layout as L
 from .merged import MergedViT
 
-if TYPE_CHECKING:  # fold reads a SuperNet; the SuperNet imports fold (one direction at run time)
-    from .supernet import MergeMap, SuperNet, UnmergeMap
-
-
 MapTensors = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # diag, a, b (see supernet.py)
 
 
-def map_tensors(maps: Sequence[MergeMap | UnmergeMap], dtype: torch.dtype) -> MapTensors:
-    """The factors of several maps of one shape, stacked on a leading axis: ``(diag, a, b)`` (``a, b`` None at
-    rank 0). Folding every block's maps of one kind in one batched product keeps a training step's op count
+def map_tensors(maps: Sequence[nn.Module], dtype: torch.dtype) -> MapTensors:
+    """The factors of several ``supernet.MergeMap`` / ``UnmergeMap`` of one shape, stacked on a leading axis:
+    ``(diag, a, b)`` (``a, b`` None at rank 0). Folding every block's maps of one kind in one batched product keeps a training step's op count
     independent of the depth."""
     diag = torch.stack([m.diag for m in maps]).to(dtype)
     if maps[0].a is None:
@@ -65,8 +61,8 @@ def fold_linear(w: torch.Tensor, b: torch.Tensor | None, u: MapTensors | None, m
     return k.transpose(-1, -2), bias
 
 
-def folded_encoder(net: SuperNet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The SuperNet as the state of one stock ViT encoder (``vit.``-prefixed keys), in ``dtype``."""
+def folded_encoder(net: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A ``supernet.SuperNet`` as the state of one stock ViT encoder (``vit.``-prefixed keys), in ``dtype``."""
     n, d = net.n, net.config.hidden_size
     state: dict[str, torch.Tensor] = {}
     pre = map_tensors([net.m_pre], dtype)
@@ -98,7 +94,9 @@ def folded_encoder(net: SuperNet, dtype: torch.dtype = torch.float32) -> dict[st
 
 
 @torch.no_grad()
-def fold_supernet(net: SuperNet) -> MergedViT:
+def fold_supernet(net: nn.Module) -> MergedViT:
+    """A trained ``supernet.SuperNet`` as one stock encoder + one head per task (the supernet imports this module:
+    it is typed by duck, not by import)."""
     state = {k: v.float().contiguous() for k, v in folded_encoder(net, torch.float64).items()}
     heads = {}
     for i, task in enumerate(net.tasks):
