@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +50,15 @@ from .teachers import Teacher, check_head, load_teacher
 from .templates import TemplateBank
 from .validation import JobConfig, check_float, check_int, check_optional_int
 
-if TYPE_CHECKING:
-    from .initializer import WaveInitializer
+
+class InitializerLike(Protocol):
+    """What fitting reads of a ``wave_hf.WaveInitializer``; that class calls ``fit_scalers``, so this module
+    names it by what it holds instead of importing it (no import circle)."""
+
+    bank: TemplateBank
+    config: Any
+
+    def parametrize(self, depth: int, width: int, num_heads: int | None = None, **kwargs: Any) -> Any: ...
 
 
 @dataclass
@@ -111,7 +118,7 @@ class FitConfig(JobConfig):
 
 
 def _fit(
-    initializer: WaveInitializer,
+    initializer: InitializerLike,
     depth: int,
     width: int,
     train_dataset: Any,
@@ -377,7 +384,7 @@ def _detached(config, scalers: Scalers) -> Scalers:
 
 
 def fit_scalers(
-    initializer: WaveInitializer,
+    initializer: InitializerLike,
     depth: int,
     width: int,
     train_dataset: Any,
@@ -453,7 +460,7 @@ def fit_scalers(
     return scalers
 
 
-def fit_model(initializer: WaveInitializer, depth: int, width: int, train_dataset: Any,
+def fit_model(initializer: InitializerLike, depth: int, width: int, train_dataset: Any,
               config: FitConfig | None = None, **kwargs: Any) -> ViTForImageClassification:
     """``fit_scalers`` (same arguments), then ``fold``: a plain ``ViTForImageClassification`` with the fitted
     encoder *and* the fitted head, every weight trainable, ready for ``wave_hf.train.finetune``."""
