@@ -1,11 +1,11 @@
 """One command for every benchmark, in order, then the README's result blocks.
 
-    python benchmarks/run_all.py --quick          # quick budgets (3 seeds each): ~1 h on 2 shared cores
+    python benchmarks/run_all.py --quick          # quick budgets (3 seeds each): hours on 2 shared cores
+                                                  # (each result file records its own wall time)
     python benchmarks/run_all.py                  # full budgets (hours on 2 cores; minutes on a GPU machine)
     python benchmarks/run_all.py --only merge     # some (build_speed, init_sizes, init_sizes_transfer,
                                                   # init_sizes_llrd, init_ablation, data_efficiency,
-                                                  # real_teacher,
-                                                  # kronecker_start, merge)
+                                                  # real_teacher, kronecker_start, merge)
 
 What it does:
 1. removes stale result files (``STALE``: outputs of older protocols and of the old ``--quick`` naming);
