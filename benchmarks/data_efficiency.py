@@ -1,6 +1,6 @@
 """Data efficiency (issue 17): test accuracy against the number of training images, per initialization.
 
-    python benchmarks/data_efficiency.py --quick --workers 2   # 6x128, n_train 50 .. 2000, 3 seeds: <= 25 min, 2 cores
+    python benchmarks/data_efficiency.py --quick --workers 2   # 6x128, n_train 50 .. 2000, 3 seeds: 38 min measured (1 worker, shared cores)
     python benchmarks/data_efficiency.py                       # the full budget: larger splits, 300 steps (~1.5 h)
     python benchmarks/data_efficiency.py --smoke               # every code path at a tiny budget (1 seed: not a result)
 
@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small splits, short fine-tune: <= 25 min on 2 cores")
+    mode.add_argument("--quick", action="store_true", help="small splits, short fine-tune (38 min measured with 1 worker on 2 shared cores)")
     mode.add_argument("--smoke", action="store_true", help="tiny budget, 1 seed: checks the code path, not a result")
     parser.add_argument("--workers", type=int_arg(1), default=2, help="processes (1 torch thread each)")
     parser.add_argument("--teacher", default="aux-probe",
