@@ -341,8 +341,9 @@ def markdown(summary: dict, config: dict) -> list[str]:
     if cost:
         lines += ["", "## Cost: FS-Merge vs KD (batch 64, one process, one torch thread)", "",
                   f"Seconds per optimiser step (40 steps after 5 warm-up steps; median of "
-                  f"{cost[0].get('repeats', 1)} interleaved runs, each in a fresh process) and peak resident memory "
-                  "of the whole process (sources, data and the run):", "",
+                  f"{cost[0].get('repeats', 1)} interleaved runs, each in a fresh process"
+                  + (f"; measured at git {str(cost[0]['git'])[:8]}, {cost[0]['measured_utc']}" if cost[0].get("git")
+                     else "") + ") and peak resident memory of the whole process (sources, data and the run):", "",
                   "| N | KD s/step | FS-Merge s/step | ratio | KD peak MB (over loaded) | FS-Merge peak MB (over loaded) "
                   "| FS-Merge trainable params |", "|---|---|---|---|---|---|---|"]
         for n in sorted({c["n"] for c in cost}):
@@ -559,7 +560,9 @@ def measure_cost(ns: list[int], aug_per_task: int, init_args: tuple) -> list[dic
             out.append({**rr[0], "s_per_step": statistics.median(r["s_per_step"] for r in rr),
                         "peak_rss_mb": max(r["peak_rss_mb"] for r in rr),
                         "peak_over_loaded_mb": max(r["peak_over_loaded_mb"] for r in rr),
-                        "s_per_step_runs": [r["s_per_step"] for r in rr], "repeats": len(rr)})
+                        "s_per_step_runs": [r["s_per_step"] for r in rr], "repeats": len(rr),
+                        "git": protocol._git("rev-parse", "HEAD") or None,
+                        "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return out
 
 
