@@ -545,7 +545,7 @@ def cost_job(job: tuple) -> dict:
             "batch_size": 64}
 
 
-COST_REPEATS = 3  # fresh processes per (method, N), interleaved; the table gives the median
+COST_REPEATS = 5  # fresh processes per (method, N), interleaved; the table gives the median
 
 
 def measure_cost(ns: list[int], aug_per_task: int, init_args: tuple) -> list[dict]:
