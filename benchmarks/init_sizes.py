@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,30 +395,9 @@ def _cell_cost(job: tuple) -> float:
 def run_parallel(fn, jobs: Sequence[tuple], workers: int, teacher_dir: str, bank: str,
                  spec: dict[str, Any] | None = None, rows_log: Path | None = None) -> list:
     """Jobs largest-first over ``workers`` spawned processes (one torch thread each); results in job order."""
-    import multiprocessing
-
     order = sorted(range(len(jobs)), key=lambda i: -_cell_cost(jobs[i]))
-    out: list = [None] * len(jobs)
-
-    def done(i: int, row: Any) -> None:
-        out[i] = row
-        if rows_log is not None:
-            rows_log.parent.mkdir(parents=True, exist_ok=True)
-            with open(rows_log, "a") as f:
-                f.write(json.dumps(row, default=str) + "\n")
-
-    if workers <= 1:
-        _setup_worker(teacher_dir, bank, 1, spec)
-        for i in order:
-            done(i, fn(jobs[i]))
-        return out
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_setup_worker,
-                             initargs=(teacher_dir, bank, 1, spec)) as pool:
-        futures = {pool.submit(fn, jobs[i]): i for i in order}
-        for f in as_completed(futures):
-            done(futures[f], f.result())
-    return out
+    return protocol.pool_map(fn, jobs, workers, initializer=_setup_worker, initargs=(teacher_dir, bank, 1, spec),
+                             log=rows_log, order=order)
 
 
 # ----------------------------------------------------------------------------------- speed and scale

@@ -421,6 +421,8 @@ _STATE: dict = {}  # per process: sources, train images, validation and test set
 
 
 def _load(n_max: int, test_limit: int, source_steps: int, verbose: bool = False) -> None:
+    if _STATE.get("args") == (n_max, test_limit, source_steps):
+        return  # this process has them (the in-process path of protocol.pool_map)
     protocol.setup_process(1)
     srcs, vals, tests, trains, acc = [], [], [], [], {}
     for i, (task, source, classes) in enumerate(TASKS[:n_max]):
@@ -437,7 +439,8 @@ def _load(n_max: int, test_limit: int, source_steps: int, verbose: bool = False)
         trains.append(s["train"].pixel_values)
         vals.append(s["val"])
         tests.append(s["test"])
-    _STATE.update(srcs=srcs, trains=trains, vals=vals, tests=tests, source_acc=acc)
+    _STATE.update(srcs=srcs, trains=trains, vals=vals, tests=tests, source_acc=acc,
+                  args=(n_max, test_limit, source_steps))
 
 
 def _options(method: str, k: int, aug_per_task: int, variant: dict) -> dict:
@@ -552,7 +555,7 @@ def measure_cost(ns: list[int], aug_per_task: int, init_args: tuple) -> list[dic
     """KD and FS-Merge per step and peak memory at every N: ``COST_REPEATS`` interleaved measurements each, one
     fresh process at a time (its own peak memory, nothing else of this benchmark running)."""
     jobs = [(m, n, aug_per_task, 40) for _ in range(COST_REPEATS) for n in ns for m in ("kd", "fs_merge")]
-    runs = pool_map(cost_job, jobs, 1, init_args, fresh=True)
+    runs = protocol.pool_map(cost_job, jobs, 1, initializer=_load, initargs=init_args, fresh=True)
     out = []
     for n in ns:
         for m in ("kd", "fs_merge"):
@@ -568,32 +571,6 @@ def measure_cost(ns: list[int], aug_per_task: int, init_args: tuple) -> list[dic
 
 def stored_ns(summary: dict) -> list[int]:
     return sorted({c["n"] for c in summary["cells"]})
-
-
-def pool_map(fn, jobs: list, workers: int, init_args: tuple, log: Path | None = None, fresh: bool = False) -> list:
-    """``fn`` over ``jobs`` in ``workers`` spawned processes (one torch thread each), results in job order;
-    each result is appended to ``log`` (JSON lines) as it lands. ``fresh``: a new process per job."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    out: list = [None] * len(jobs)
-
-    def done(i: int, r) -> None:
-        out[i] = r
-        if log is not None:
-            with open(log, "a") as f:
-                f.write(json.dumps(r, default=str) + "\n")
-
-    if workers <= 1 and not fresh:
-        for i, job in enumerate(jobs):
-            done(i, fn(job))
-        return out
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_load,
-                             initargs=init_args, max_tasks_per_child=1 if fresh else None) as pool:
-        futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
-        for f in as_completed(futures):
-            done(futures[f], f.result())
-    return out
 
 
 def main(argv=None) -> int:
@@ -649,13 +626,15 @@ def main(argv=None) -> int:
     if b["select"]:
         jobs = [(m, label, seed, epochs, args.aug_per_task) for m, vs in VARIANTS.items() for label, _ in vs
                 for seed in args.seeds]
-        default_rows = pool_map(select_job, jobs, args.workers, init_args, args.rows_log)
+        default_rows = protocol.pool_map(select_job, jobs, args.workers, initializer=_load, initargs=init_args,
+                                         log=args.rows_log)
         defaults, selected = choose_defaults(default_rows)
         print(f"defaults chosen on validation: {defaults} ({time.perf_counter() - t0:.0f}s)", flush=True)
     jobs = [(n, k, seed, args.methods, epochs, args.aug_per_task, defaults) for n in sorted(ns, reverse=True)
             for k in ks for seed in args.seeds]
     rows = []
-    for job_rows, job_selected in pool_map(grid_job, jobs, args.workers, init_args, args.rows_log):
+    for job_rows, job_selected in protocol.pool_map(grid_job, jobs, args.workers, initializer=_load,
+                                                    initargs=init_args, log=args.rows_log):
         rows += job_rows
         selected += job_selected
     rows.sort(key=lambda r: (r["n"], r["images_per_task"], r["seed"], METHODS.index(r["method"])))

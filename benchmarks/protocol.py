@@ -262,6 +262,39 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def pool_map(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, *,
+             initializer: Callable[..., None] | None = None, initargs: tuple = (), log: Path | None = None,
+             order: Sequence[int] | None = None, fresh: bool = False) -> list[Any]:
+    """``fn`` over ``jobs`` in ``workers`` spawned processes (each set up by ``initializer(*initargs)``), in
+    ``order`` (default: as given), results in job order; each result is appended to ``log`` (JSON lines) as it
+    lands. ``fresh``: a new process per job (its own peak memory). One worker and not ``fresh``: in process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    order = list(range(len(jobs))) if order is None else list(order)
+    out: list[Any] = [None] * len(jobs)
+
+    def done(i: int, result: Any) -> None:
+        out[i] = result
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as f:
+                f.write(json.dumps(result, default=str) + "\n")
+
+    if workers <= 1 and not fresh:
+        if initializer is not None:
+            initializer(*initargs)
+        for i in order:
+            done(i, fn(jobs[i]))
+        return out
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer,
+                             initargs=initargs, max_tasks_per_child=1 if fresh else None) as pool:
+        futures = {pool.submit(fn, jobs[i]): i for i in order}
+        for f in as_completed(futures):
+            done(futures[f], f.result())
+    return out
+
+
 def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
     """Write a matplotlib figure atomically (readers never see half a png), then close it."""
     import matplotlib.pyplot as plt

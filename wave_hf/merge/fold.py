@@ -78,8 +78,9 @@ def folded_encoder(net: nn.Module, dtype: torch.dtype = torch.float32) -> dict[s
     state[L.global_key("final_ln_weight")] = net.final_ln.weight.to(dtype)
     state[L.global_key("final_ln_bias")] = net.final_ln.bias.to(dtype)
     blocks = list(net.blocks)
+    block_maps = [block.maps() for block in blocks]
     for name in L.LAYER_LINEARS:  # one batched fold per kind of linear, over every block
-        pairs = [block.maps()[name] for block in blocks]
+        pairs = [maps[name] for maps in block_maps]
         w = torch.stack([getattr(block, f"w_{name}") for block in blocks]).to(dtype)  # (L, N, out, in)
         b = torch.stack([getattr(block, f"b_{name}") for block in blocks]).to(dtype)
         w, bias = fold_linear(w, b, map_tensors([u for u, _ in pairs], dtype), map_tensors([m for _, m in pairs], dtype))
