@@ -21,6 +21,8 @@ Loss: ``alpha * KD + (1 - alpha) * CE(z_aux, y)``, where the teacher's signal ``
 * ``layer_weight`` x the layer-wise loss: every block's output, all tokens, each block's targets
   standardised per channel by the batch's statistics (``layerwise_loss``). A real teacher needs it:
   final-feature supervision alone let the inner blocks drift and kept CLS R^2 near 0 (docs/wave.md section 9).
+  With ``teacher_forcing`` every auxiliary block reads the teacher's input to it instead of its own chain's
+  (``StudentOutputs``), and the embeddings are matched too.
 
 Defaults keep the original behaviour for a teacher with logits (``alpha=0.5``, KL only); a teacher without
 (``teacher_head="none"``, a headless model, or a head over other labels under ``"auto"``) distils from its
@@ -31,6 +33,7 @@ without shrinking the scalers.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -329,6 +332,10 @@ class DistillConfig(JobConfig):
         "help": "weight of the final CLS feature loss (default 1 without teacher logits, else 0)"})
     layer_weight: float | None = field(default=None, metadata={
         "help": "weight of the layer-wise loss, every block's output (default 1 without teacher logits, else 0)"})
+    teacher_forcing: bool = field(default=False, metadata={
+        "help": "layer-wise loss with teacher forcing: every auxiliary block reads the teacher's input to that "
+                "block instead of its own previous block's output, so the blocks learn side by side from clean "
+                "inputs (the embeddings and the final feature are matched the same way); needs layer_weight > 0"})
     teacher_head: str = field(default="auto", metadata={
         "choices": ["auto", "logits", "none"],
         "help": "auto: distil the teacher's logits when its checkpoint has a trained classifier over the data's "
@@ -348,6 +355,8 @@ class DistillConfig(JobConfig):
         for name in ("feature_weight", "layer_weight"):
             value = getattr(self, name)
             setattr(self, name, None if value is None else check_float(name, value, 0.0))
+        if not isinstance(self.teacher_forcing, bool):
+            raise TypeError(f"teacher_forcing must be a bool, got {self.teacher_forcing!r}")
         self.teacher_head = check_head(self.teacher_head)
         self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, 0)
 
@@ -409,6 +418,7 @@ def distill(
     init, steps, batch_size, lr = cfg.init, cfg.steps, cfg.batch_size, cfg.lr
     weight_decay, warmup_ratio, temperature, alpha = cfg.weight_decay, cfg.warmup_ratio, cfg.temperature, cfg.alpha
     feature_weight, layer_weight, teacher_head = cfg.feature_weight, cfg.layer_weight, cfg.teacher_head
+    forced = cfg.teacher_forcing
     checkpoint_every = cfg.checkpoint_every
     settings = LoopSettings(steps=steps, lr=lr, batch_size=batch_size, schedule=Cosine(int(warmup_ratio * steps)),
                             seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, max_steps=max_steps,
@@ -421,6 +431,8 @@ def distill(
         config = config_from_teacher(teacher)
     elif not isinstance(config, WaveTemplateConfig):
         raise TypeError(f"config must be a WaveTemplateConfig, got {type(config).__name__}")
+    else:  # the bank records its metrics and provenance in its config: never in the caller's
+        config = copy.deepcopy(config)
     check_teacher(config, teacher, init)
     teacher = teacher.for_task(*task_labels(teacher, train_dataset), head=teacher_head)
     headed = teacher.has_head
@@ -430,6 +442,9 @@ def distill(
     if not headed and alpha > 0 and feature_weight == 0 and layer_weight == 0:
         raise ValueError("this teacher has no logits for the data (teacher_head, or a head over other labels), so "
                          "it teaches only through feature_weight and layer_weight; both are 0")
+    if forced and not layer_weight:
+        raise ValueError(f"teacher_forcing=True matches every block on the teacher's inputs, so it needs "
+                         f"layer_weight > 0, got layer_weight={layer_weight}")
     if layer_weight and (config.aux_depth, config.aux_width) != (teacher.shape.depth, teacher.shape.width):
         raise ValueError(f"layer_weight={layer_weight} matches block outputs, so the auxiliary model must have the "
                          f"teacher's depth and width ({teacher.shape.depth}x{teacher.shape.width}), got "
@@ -461,14 +476,15 @@ def distill(
         x, y = batch["pixel_values"], batch["labels"]
         with torch.no_grad():
             target = teacher.to(x.device)(x, hidden_states=layer_weight > 0)
-        feature, logits, blocks = student(x)
+        targets = (target.embeddings, *target.hidden_states) if forced else target.hidden_states
+        feature, logits, blocks = student(x, targets if forced else None)
         terms = []
         if headed:
             terms.append(kl_loss(logits, target.logits, temperature))
         if feature_weight:
             terms.append(feature_weight * standardized_mse(feature, target.feature))
         if layer_weight:
-            terms.append(layer_weight * layerwise_loss(blocks, target.hidden_states))
+            terms.append(layer_weight * layerwise_loss(blocks, targets))
         kd = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
         if alpha >= 1.0:
             return kd
@@ -487,7 +503,9 @@ def distill(
         if feature_weight or layer_weight or not headed:  # absent from runs made before they existed
             run_id.update(feature_weight=feature_weight, layer_weight=layer_weight, teacher_head=teacher_head,
                           image_size=config.image_size)
-    wrapper, log = run_loop(_StudentOutputs(model, blocks=layer_weight > 0), groups,
+        if forced:  # absent from runs made before it existed
+            run_id["teacher_forcing"] = True
+    wrapper, log = run_loop(StudentOutputs(model, blocks=layer_weight > 0), groups,
                             dataset_batches(train_dataset, settings), loss_fn, settings, fingerprint=run_id)
     model = wrapper.model
 
@@ -534,16 +552,29 @@ def teacher_fingerprint(teacher: Teacher) -> str:
     return tensors_fingerprint({**teacher.encoder_state(), **head})
 
 
-class _StudentOutputs(nn.Module):
+class StudentOutputs(nn.Module):
     """``x -> (final CLS feature, logits, block outputs)`` in one forward, so DDP sees a single call per step;
-    block outputs (before the final LayerNorm) only when ``blocks``."""
+    block outputs (before the final LayerNorm) only when ``blocks``.
+
+    With ``teacher_states`` (the teacher's embeddings and block outputs) the student is teacher-forced: block
+    ``l`` reads the teacher's output of block ``l - 1``, and the outputs are the student's embeddings followed by
+    every block's, the final feature the final LayerNorm of its last block's. One pass costs what a plain
+    forward does, and no block waits for the blocks before it to become right.
+    """
 
     def __init__(self, model: ViTForImageClassification, blocks: bool = False):
         super().__init__()
         self.model, self.blocks = model, blocks
 
-    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        out = vit_layout.encoder(self.model)(pixel_values, output_hidden_states=self.blocks)
+    def forward(self, pixel_values: Tensor, teacher_states: tuple[Tensor, ...] | None = None,
+                ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        vit = vit_layout.encoder(self.model)
+        if teacher_states is not None:
+            outputs = [vit.embeddings(pixel_values)]
+            outputs += [layer(h) for layer, h in zip(vit_layout.encoder_layers(vit), teacher_states[:-1], strict=True)]
+            feature = vit.layernorm(outputs[-1])[:, 0]
+            return feature, self.model.classifier(feature), tuple(outputs)
+        out = vit(pixel_values, output_hidden_states=self.blocks)
         feature = out.last_hidden_state[:, 0]
         return feature, self.model.classifier(feature), tuple(out.hidden_states[1:]) if self.blocks else ()
 

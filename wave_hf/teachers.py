@@ -94,12 +94,14 @@ class TeacherOutput:
     """What a teacher gives for a batch; ``hidden_states`` only when asked for.
 
     ``hidden_states[l]`` is block ``l``'s output ``(B, 1 + patches, D)`` before the final LayerNorm (what
-    layer-wise distillation matches); ``last_hidden_state`` is after it; ``logits`` is None without a head.
+    layer-wise distillation matches); ``embeddings`` is block 0's input (what a teacher-forced student's first
+    block reads); ``last_hidden_state`` is after the final LayerNorm; ``logits`` is None without a head.
     """
 
     last_hidden_state: Tensor
     logits: Tensor | None = None
     hidden_states: tuple[Tensor, ...] = ()
+    embeddings: Tensor | None = None
 
     @property
     def feature(self) -> Tensor:
@@ -181,12 +183,13 @@ class Teacher(nn.Module):
             out = self.encoder(pixel_values=pixel_values, output_hidden_states=hidden_states)
         sequence = out.last_hidden_state
         logits = self._logits(sequence) if self.has_head else None
-        blocks = tuple(out.hidden_states[1:]) if hidden_states else ()
+        states = tuple(out.hidden_states) if hidden_states else ()
         extra = vit_layout.FAMILY_EXTRA_TOKENS[self.family]
         if extra:  # keep CLS and the patches: the tokens a stock ViT has
             keep = lambda h: torch.cat([h[:, :1], h[:, 1 + extra:]], dim=1)  # noqa: E731
-            sequence, blocks = keep(sequence), tuple(keep(h) for h in blocks)
-        return TeacherOutput(last_hidden_state=sequence, logits=logits, hidden_states=blocks)
+            sequence, states = keep(sequence), tuple(keep(h) for h in states)
+        return TeacherOutput(last_hidden_state=sequence, logits=logits, hidden_states=states[1:],
+                             embeddings=states[0] if states else None)
 
     def _logits(self, sequence: Tensor) -> Tensor:
         if self.head_input == "cls_and_patch_mean":  # Dinov2ForImageClassification
