@@ -158,8 +158,8 @@ def test_every_family_distils_fits_and_builds(family):
 
 # ------------------------------------------------------------------------------------- teacher forcing
 def test_teacher_forced_student_of_an_exact_bank_reproduces_every_teacher_state():
-    """Full capacity (N = L r^2 templates, J = r): each teacher-forced block, the embeddings and the final feature
-    equal the teacher's own (Dinov2: layer scale folded), so the forced loss starts at 0 there."""
+    """Full capacity (N = L r^2 templates, J = r): the teacher-forced embeddings and blocks, and the chain's
+    feature, equal the teacher's own (Dinov2: layer scale folded), so the forced loss starts at 0 there."""
     model = make("dinov2_headless")
     teacher = load_teacher(model, head="none")
     config = config_from_teacher(teacher, template_width=16, num_templates=2 * 3 * 3, num_vector_templates=3)
@@ -168,7 +168,7 @@ def test_teacher_forced_student_of_an_exact_bank_reproduces_every_teacher_state(
     with torch.no_grad():
         target = teacher(x, hidden_states=True)
         states = (target.embeddings, *target.hidden_states)
-        feature, _, outputs = student(x, states)
+        feature, _, _, outputs = student(x, states)
     assert len(outputs) == len(states) == 3
     assert max_diff(outputs, states) < 1e-4
     assert max_diff([feature], [target.feature]) < 1e-4
@@ -177,14 +177,15 @@ def test_teacher_forced_student_of_an_exact_bank_reproduces_every_teacher_state(
 def test_teacher_forcing_trains_another_bank_and_is_recorded():
     model, data = make("dinov2_headless"), images(16)
     kw = dict(config=config_from_teacher(model, **SMALL), steps=3, batch_size=8, progress=False, layer_weight=1.0)
-    forced, chained = distill(model, data, teacher_forcing=True, **kw), distill(model, data, **kw)
-    assert forced.config.metrics["distill_teacher_forcing"] is True
-    assert chained.config.metrics["distill_teacher_forcing"] is False
+    mixed, chained = distill(model, data, forced_weight=1.0, **kw), distill(model, data, **kw)
+    alone = distill(model, data, **{**kw, "layer_weight": 0.0}, feature_weight=0.0, forced_weight=1.0)
+    assert mixed.config.metrics["distill_forced_weight"] == 1.0 and chained.config.metrics["distill_forced_weight"] == 0
     assert not kw["config"].metrics  # each bank records into its own copy, never into the caller's config
-    assert forced.config.metrics["distill_loss_end"] == forced.config.metrics["distill_loss_end"]  # finite
-    assert not torch.equal(forced.templates["qkv"], chained.templates["qkv"])
-    with pytest.raises(ValueError, match="teacher_forcing=True .* layer_weight > 0, got layer_weight=0"):
-        distill(model, data, **{**kw, "layer_weight": 0.0}, feature_weight=1.0, teacher_forcing=True)
+    for bank in (mixed, alone):
+        loss = bank.config.metrics["distill_loss_end"]
+        assert loss == loss and not torch.equal(bank.templates["qkv"], chained.templates["qkv"])
+    with pytest.raises(ValueError, match="forced_weight must be a finite number >= 0.0, got -1.0"):
+        distill(model, data, forced_weight=-1.0, **kw)
 
 
 # ------------------------------------------------------------------------------------------ resolution
@@ -245,9 +246,9 @@ def test_cli_headless_dinov2_end_to_end(tmp_path, capsys):
     common = ["--json", "--seed", "0"]
     assert cli_main(["distill", "--teacher", str(tmp_path / "teacher"), "--teacher-head", "none", "--image-size", "14",
                      "--data", "digits", "--steps", "2", "--batch-size", "8", "--template-width", "16",
-                     "--teacher-forcing", "--out", str(tmp_path / "bank"), *common]) == 0
+                     "--forced-weight", "0.5", "--out", str(tmp_path / "bank"), *common]) == 0
     config = json.loads((tmp_path / "bank" / "config.json").read_text())
-    assert config["metrics"]["distill_teacher_forcing"] is True
+    assert config["metrics"]["distill_forced_weight"] == 0.5
     assert config["image_size"] == 14 and config["resample"] == "bicubic" and config["image_mean"][0] == 0.485
     assert "aux_cls_r2" in config["metrics"] and "teacher_accuracy" not in config["metrics"]
     capsys.readouterr()

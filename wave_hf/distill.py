@@ -21,8 +21,8 @@ Loss: ``alpha * KD + (1 - alpha) * CE(z_aux, y)``, where the teacher's signal ``
 * ``layer_weight`` x the layer-wise loss: every block's output, all tokens, each block's targets
   standardised per channel by the batch's statistics (``layerwise_loss``). A real teacher needs it:
   final-feature supervision alone let the inner blocks drift and kept CLS R^2 near 0 (docs/wave.md section 9).
-  With ``teacher_forcing`` every auxiliary block reads the teacher's input to it instead of its own chain's
-  (``StudentOutputs``), and the embeddings are matched too.
+* ``forced_weight`` x the same loss with teacher forcing: every auxiliary block reads the teacher's input to
+  it instead of its own chain's (``StudentOutputs``), and the embeddings are matched too.
 
 Defaults keep the original behaviour for a teacher with logits (``alpha=0.5``, KL only); a teacher without
 (``teacher_head="none"``, a headless model, or a head over other labels under ``"auto"``) distils from its
@@ -332,10 +332,10 @@ class DistillConfig(JobConfig):
         "help": "weight of the final CLS feature loss (default 1 without teacher logits, else 0)"})
     layer_weight: float | None = field(default=None, metadata={
         "help": "weight of the layer-wise loss, every block's output (default 1 without teacher logits, else 0)"})
-    teacher_forcing: bool = field(default=False, metadata={
-        "help": "layer-wise loss with teacher forcing: every auxiliary block reads the teacher's input to that "
-                "block instead of its own previous block's output, so the blocks learn side by side from clean "
-                "inputs (the embeddings and the final feature are matched the same way); needs layer_weight > 0"})
+    forced_weight: float = field(default=0.0, metadata={
+        "help": "weight of the teacher-forced layer-wise loss: every auxiliary block reads the teacher's input to "
+                "that block instead of its own previous block's output, and the embeddings are matched too; added "
+                "to the other terms (feature_weight=0 and layer_weight=0 leave teacher forcing alone)"})
     teacher_head: str = field(default="auto", metadata={
         "choices": ["auto", "logits", "none"],
         "help": "auto: distil the teacher's logits when its checkpoint has a trained classifier over the data's "
@@ -355,8 +355,7 @@ class DistillConfig(JobConfig):
         for name in ("feature_weight", "layer_weight"):
             value = getattr(self, name)
             setattr(self, name, None if value is None else check_float(name, value, 0.0))
-        if not isinstance(self.teacher_forcing, bool):
-            raise TypeError(f"teacher_forcing must be a bool, got {self.teacher_forcing!r}")
+        self.forced_weight = check_float("forced_weight", self.forced_weight, 0.0)
         self.teacher_head = check_head(self.teacher_head)
         self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, 0)
 
@@ -418,7 +417,7 @@ def distill(
     init, steps, batch_size, lr = cfg.init, cfg.steps, cfg.batch_size, cfg.lr
     weight_decay, warmup_ratio, temperature, alpha = cfg.weight_decay, cfg.warmup_ratio, cfg.temperature, cfg.alpha
     feature_weight, layer_weight, teacher_head = cfg.feature_weight, cfg.layer_weight, cfg.teacher_head
-    forced = cfg.teacher_forcing
+    forced_weight = cfg.forced_weight
     checkpoint_every = cfg.checkpoint_every
     settings = LoopSettings(steps=steps, lr=lr, batch_size=batch_size, schedule=Cosine(int(warmup_ratio * steps)),
                             seed=seed, output_dir=output_dir, checkpoint_every=checkpoint_every, max_steps=max_steps,
@@ -439,14 +438,13 @@ def distill(
     alpha = (0.5 if headed else 1.0) if alpha is None else float(alpha)
     feature_weight = check_weight("feature_weight", feature_weight, 0.0 if headed else 1.0)
     layer_weight = check_weight("layer_weight", layer_weight, 0.0 if headed else 1.0)
-    if not headed and alpha > 0 and feature_weight == 0 and layer_weight == 0:
+    if not headed and alpha > 0 and feature_weight == 0 and layer_weight == 0 and forced_weight == 0:
         raise ValueError("this teacher has no logits for the data (teacher_head, or a head over other labels), so "
-                         "it teaches only through feature_weight and layer_weight; both are 0")
-    if forced and not layer_weight:
-        raise ValueError(f"teacher_forcing=True matches every block on the teacher's inputs, so it needs "
-                         f"layer_weight > 0, got layer_weight={layer_weight}")
-    if layer_weight and (config.aux_depth, config.aux_width) != (teacher.shape.depth, teacher.shape.width):
-        raise ValueError(f"layer_weight={layer_weight} matches block outputs, so the auxiliary model must have the "
+                         "it teaches only through feature_weight, layer_weight and forced_weight; all are 0")
+    blockwise = layer_weight > 0 or forced_weight > 0
+    if blockwise and (config.aux_depth, config.aux_width) != (teacher.shape.depth, teacher.shape.width):
+        raise ValueError(f"layer_weight={layer_weight}, forced_weight={forced_weight} match block outputs, so the "
+                         "auxiliary model must have the "
                          f"teacher's depth and width ({teacher.shape.depth}x{teacher.shape.width}), got "
                          f"aux_depth={config.aux_depth}, aux_width={config.aux_width}")
     labels = dataset_labels(train_dataset)
@@ -475,16 +473,18 @@ def distill(
     def loss_fn(student: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x, y = batch["pixel_values"], batch["labels"]
         with torch.no_grad():
-            target = teacher.to(x.device)(x, hidden_states=layer_weight > 0)
-        targets = (target.embeddings, *target.hidden_states) if forced else target.hidden_states
-        feature, logits, blocks = student(x, targets if forced else None)
+            target = teacher.to(x.device)(x, hidden_states=blockwise)
+        states = (target.embeddings, *target.hidden_states) if forced_weight else None
+        feature, logits, blocks, forced = student(x, states)
         terms = []
         if headed:
             terms.append(kl_loss(logits, target.logits, temperature))
         if feature_weight:
             terms.append(feature_weight * standardized_mse(feature, target.feature))
         if layer_weight:
-            terms.append(layer_weight * layerwise_loss(blocks, targets))
+            terms.append(layer_weight * layerwise_loss(blocks, target.hidden_states))
+        if forced_weight:
+            terms.append(forced_weight * layerwise_loss(forced, states))
         kd = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
         if alpha >= 1.0:
             return kd
@@ -503,9 +503,10 @@ def distill(
         if feature_weight or layer_weight or not headed:  # absent from runs made before they existed
             run_id.update(feature_weight=feature_weight, layer_weight=layer_weight, teacher_head=teacher_head,
                           image_size=config.image_size)
-        if forced:  # absent from runs made before it existed
-            run_id["teacher_forcing"] = True
-    wrapper, log = run_loop(StudentOutputs(model, blocks=layer_weight > 0), groups,
+        if forced_weight:  # absent from runs made before it existed
+            run_id["forced_weight"] = forced_weight
+    chain = headed or feature_weight > 0 or layer_weight > 0 or alpha < 1.0
+    wrapper, log = run_loop(StudentOutputs(model, blocks=layer_weight > 0, chain=chain), groups,
                             dataset_batches(train_dataset, settings), loss_fn, settings, fingerprint=run_id)
     model = wrapper.model
 
@@ -553,30 +554,36 @@ def teacher_fingerprint(teacher: Teacher) -> str:
 
 
 class StudentOutputs(nn.Module):
-    """``x -> (final CLS feature, logits, block outputs)`` in one forward, so DDP sees a single call per step;
-    block outputs (before the final LayerNorm) only when ``blocks``.
+    """``(x, teacher states) -> (final CLS feature, logits, block outputs, teacher-forced outputs)`` in one
+    forward, so DDP sees a single call per step.
 
-    With ``teacher_states`` (the teacher's embeddings and block outputs) the student is teacher-forced: block
-    ``l`` reads the teacher's output of block ``l - 1``, and the outputs are the student's embeddings followed by
-    every block's, the final feature the final LayerNorm of its last block's. One pass costs what a plain
-    forward does, and no block waits for the blocks before it to become right.
+    The chain (the student's own forward) gives the feature, the logits and, with ``blocks``, every block's output
+    before the final LayerNorm. With ``teacher_states`` (the teacher's embeddings, then its block outputs) the
+    student is also teacher-forced: block ``l`` reads the teacher's output of block ``l - 1``, and the forced
+    outputs are the student's embeddings followed by every block's. Teacher forcing costs what a plain forward
+    does, and no block waits for the blocks before it to become right. Without the ``chain``, the feature and
+    logits are read from the last forced block.
     """
 
-    def __init__(self, model: ViTForImageClassification, blocks: bool = False):
+    def __init__(self, model: ViTForImageClassification, blocks: bool = False, chain: bool = True):
         super().__init__()
-        self.model, self.blocks = model, blocks
+        self.model, self.blocks, self.chain = model, blocks, chain
 
     def forward(self, pixel_values: Tensor, teacher_states: tuple[Tensor, ...] | None = None,
-                ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+                ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
         vit = vit_layout.encoder(self.model)
+        forced: tuple[Tensor, ...] = ()
         if teacher_states is not None:
             outputs = [vit.embeddings(pixel_values)]
             outputs += [layer(h) for layer, h in zip(vit_layout.encoder_layers(vit), teacher_states[:-1], strict=True)]
-            feature = vit.layernorm(outputs[-1])[:, 0]
-            return feature, self.model.classifier(feature), tuple(outputs)
-        out = vit(pixel_values, output_hidden_states=self.blocks)
-        feature = out.last_hidden_state[:, 0]
-        return feature, self.model.classifier(feature), tuple(out.hidden_states[1:]) if self.blocks else ()
+            forced = tuple(outputs)
+        if self.chain or teacher_states is None:
+            out = vit(pixel_values, output_hidden_states=self.blocks)
+            feature = out.last_hidden_state[:, 0]
+            blocks = tuple(out.hidden_states[1:]) if self.blocks else ()
+        else:
+            feature, blocks = vit.layernorm(forced[-1])[:, 0], ()
+        return feature, self.model.classifier(feature), blocks, forced
 
 
 def _start_metrics(output_dir: str | os.PathLike | None, model: nn.Module, teacher: Teacher,
