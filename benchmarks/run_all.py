@@ -62,7 +62,7 @@ BENCHMARKS = {  # name (= result file stem) -> (script, arguments, quick argumen
     "data_efficiency": ("data_efficiency", ["--teacher", "aux-probe"], ["--quick", "--teacher", "aux-probe"]),
     "real_teacher": ("real_teacher", ["--budget", "gpu"], ["--budget", "quick"]),
     "kronecker_start": ("kronecker_start", [], ["--quick"]),
-    "stage1_steps": ("stage1_steps", [], ["--quick"]),
+    "stage1_steps": ("stage1_steps", ["--budget", "gpu"], ["--budget", "quick"]),
     "merge": ("merge", [], ["--quick"]),
 }
 

