@@ -13,7 +13,8 @@
 # grids finished 39-70 of 144 rows each (a cell of 4 fine-tunes took 7-16 s) and the ablation 46 of 90, but
 # real_teacher's four stage-1 distillations (3,000 steps each, in parallel with ~16 other processes on the
 # one GPU) did not finish: without MPS the GPU time-slices between processes, so the small-kernel jobs starve
-# each other. Next time: ONLY=real_teacher first, alone, then the grids.
+# each other. Next time: ONLY=real_teacher first, alone, then the grids. ONLY=stage1_steps runs
+# benchmarks/stage1_steps.py --budget gpu alone (3,000 stage-1 steps per loss, R^2 every 500).
 set -u
 MODE=${1:?full or smoke}
 OUT_DIR=${2:?output folder}
@@ -40,6 +41,14 @@ job() {  # name, then the benchmark's arguments
   echo "$name exit $? at $(date -u +%T)" >> "$OUT_DIR/status.txt"
 }
 echo "start $(date -u +%T)" > "$OUT_DIR/status.txt"
+if [ "${ONLY:-}" = stage1_steps ]; then  # stage-1 R^2 against steps on DINOv2, both losses side by side
+  timeout "$LIMIT" python3 benchmarks/stage1_steps.py --budget "$([ "$MODE" = smoke ] && echo quick || echo gpu)" \
+    > "$OUT_DIR/stage1_steps.log" 2>&1
+  echo "stage1_steps exit $? at $(date -u +%T)" >> "$OUT_DIR/status.txt"
+  tar -czf "$OUT_DIR/results.tgz" benchmarks/results "$OUT_DIR"/*.log "$OUT_DIR"/*.txt 2>/dev/null
+  cat "$OUT_DIR/status.txt"
+  exit 0
+fi
 if [ "${ONLY:-}" = real_teacher ]; then
   job real_teacher benchmarks/real_teacher.py "${REAL[@]}" --workers "$WORKERS"
   tar -czf "$OUT_DIR/results.tgz" benchmarks/results "$OUT_DIR"/*.log "$OUT_DIR"/*.jsonl "$OUT_DIR"/*.txt 2>/dev/null
