@@ -66,7 +66,7 @@ def test_config_from_teacher_copies_geometry():
     assert (config.aux_depth, config.aux_width, config.head_dim, config.mlp_ratio) == (2, 32, 16, 4)
     assert (config.image_size, config.patch_size, config.num_channels) == (28, 7, 1)
     assert config.layer_norm_eps == 1e-5 and config.qkv_bias is False
-    assert (config.num_templates, config.num_vector_templates) == (6, 3)
+    assert (config.num_templates, config.num_vector_templates) == (6, 2)  # J = r = 32 / 16: exact vectors
 
 
 def test_teacher_init_is_exact_with_full_rank():

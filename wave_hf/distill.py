@@ -77,12 +77,17 @@ R2_IMAGES = 512
 def config_from_teacher(teacher: Any, *, image_size: int | None = None, **overrides: Any) -> WaveTemplateConfig:
     """A bank config whose geometry is the teacher's: auxiliary depth and width, image (``image_size``, default
     the teacher's), patch, channels, LayerNorm eps, qkv bias, activation, head dim, MLP ratio and
-    preprocessing. ``overrides`` set the other fields (defaults: ``template_width=64``, ``num_templates=6``,
-    ``num_vector_templates=3``)."""
+    preprocessing. ``overrides`` set the other fields (defaults: ``template_width=64``, ``num_templates=6`` and
+    ``num_vector_templates`` = r = width / template width).
+
+    Why J = r: a vector tensor (LayerNorm, bias, embedding) is held as a rank-J Kronecker sum, exact only from
+    J = r on. A real teacher's vectors are not low-rank: DINOv2 ViT-S/14's final LayerNorm alone, cut to J = 3
+    of r = 6 in the exact teacher, caps its CLS R^2 at about 0.06 (``benchmarks/results/stage1_steps.md``),
+    while J = r costs about 1% of the teacher's parameters."""
     teacher = load_teacher(teacher, image_size=image_size)
     s, c = teacher.shape, teacher.config
     values: dict[str, Any] = dict(
-        template_width=64, num_templates=6, num_vector_templates=3,
+        template_width=64, num_templates=6,
         head_dim=s.head_dim, mlp_ratio=s.mlp_ratio, image_size=s.image_size, patch_size=s.patch_size,
         num_channels=s.num_channels, layer_norm_eps=float(c.layer_norm_eps), qkv_bias=bool(c.qkv_bias),
         hidden_act=c.hidden_act, aux_depth=s.depth, aux_width=s.width,
@@ -93,6 +98,7 @@ def config_from_teacher(teacher: Any, *, image_size: int | None = None, **overri
     if s.width % values["template_width"]:
         raise ValueError(f"template_width={values['template_width']} must divide the teacher's width {s.width}; "
                          "pass template_width= a divisor of it")
+    values.setdefault("num_vector_templates", s.width // values["template_width"])
     config = WaveTemplateConfig(**values)
     check_teacher(config, teacher, init="teacher")
     return config
@@ -382,7 +388,7 @@ def distill(
         train_dataset: map-style dataset of ``{"pixel_values": (C,H,W), "labels": int}`` items, preprocessed
             as the teacher expects (``load_image_dataset(..., preprocessing=teacher.preprocessing)``).
         config: the bank's config; default ``config_from_teacher(teacher)`` (template width 64, 6 matrix
-            and 3 vector templates per type). Its geometry must match the teacher's (checked, per field).
+            templates per type, r vector templates per vector tensor). Its geometry must match the teacher's (checked, per field).
         init: ``"teacher"`` (nearest-Kronecker decomposition of the teacher) or ``"scratch"`` (random).
         steps, batch_size: optimisation steps and *global* batch size (split across processes).
         lr: AdamW peak learning rate (default 5e-4, the sibling code's rate). Measured on the 12 x 192 ancestry:
