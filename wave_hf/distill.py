@@ -388,7 +388,8 @@ def distill(
         train_dataset: map-style dataset of ``{"pixel_values": (C,H,W), "labels": int}`` items, preprocessed
             as the teacher expects (``load_image_dataset(..., preprocessing=teacher.preprocessing)``).
         config: the bank's config; default ``config_from_teacher(teacher)`` (template width 64, 6 matrix
-            templates per type, r vector templates per vector tensor). Its geometry must match the teacher's (checked, per field).
+            templates per type, r vector templates per vector tensor). Its geometry must match the teacher's
+            (checked, per field).
         init: ``"teacher"`` (nearest-Kronecker decomposition of the teacher) or ``"scratch"`` (random).
         steps, batch_size: optimisation steps and *global* batch size (split across processes).
         lr: AdamW peak learning rate (default 5e-4, the sibling code's rate). Measured on the 12 x 192 ancestry:
