@@ -394,6 +394,19 @@ def _cell_cost(job: tuple) -> float:
     return (depth * width * width + 8000) * (3 if base_method(job[4])[0] in FITTING else 2)
 
 
+def _rows_from_logs(paths: Sequence[Path], wanted: set[tuple]) -> list[dict[str, Any]]:
+    """The rows of ``--rows-log`` files that belong to this grid's jobs, each (regime, size, method, seed) once."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                key = (row["regime"], row["depth"], row["width"], row["method"], row["seed"])
+                if key in wanted:
+                    rows.setdefault(key, row)
+    return list(rows.values())
+
+
 def run_parallel(fn, jobs: Sequence[tuple], workers: int, teacher_dir: str, bank: str,
                  spec: dict[str, Any] | None = None, rows_log: Path | None = None) -> list:
     """Jobs largest-first over ``workers`` spawned processes (one torch thread each); results in job order."""
@@ -567,8 +580,11 @@ def markdown(result: dict[str, Any], budget: Budget, methods: Sequence[str] = tu
     s = result["summary"]
     quick = result["config"]["quick"]
     partial = result["config"].get("partial")
+    rows_from = result["config"].get("rows_from")
     split = budget.split_sizes(budget.regimes[0])
     lines = [*([f"**Partial: {partial}**", ""] if partial else []),
+             *([f"Every row computed by {rows_from}; rendered from their row logs (the wall and CPU time below are "
+                "the rendering's; each row records its own seconds).", ""] if rows_from and not partial else []),
         f"**Budget: {'quick (`--quick`), not the full grid or the paper budget' if quick else 'full'}; "
         f"{len(budget.seeds)} seeds {budget.seeds}.** Teacher: {result['config']['teacher']}. "
         f"Bank: `{result['config']['bank']}`.",
@@ -712,9 +728,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--name", default="init_sizes", help="results file stem")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *VARIANTS],
                         help="rows (the last is compared with each other one), e.g. an ablation of VARIANTS")
-    parser.add_argument("--from-rows", type=Path, default=None,
-                        help="render the results from a --rows-log file of a run cut short (e.g. on a lent GPU "
-                             "machine) instead of running; the cells it lacks are reported missing")
+    parser.add_argument("--from-rows", type=Path, nargs="+", default=None,
+                        help="render the results from --rows-log files instead of running: of a run cut short (e.g. "
+                             "on a lent GPU machine; the cells they lack are reported missing), or of processes that "
+                             "split the grid between them (a row computed twice is kept once: same seed, same bits)")
     parser.add_argument("--ran-on", default=None, help="with --from-rows: where the rows were computed")
     parser.add_argument("--layer-decay-candidates", type=float_arg(0, high=1), nargs="+", default=None,
                         metavar="DECAY", help="layer-wise lr decays of the fine-tune in (0, 1], e.g. 1.0 0.75: every "
@@ -740,16 +757,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             for method in args.methods for seed in budget.seeds]
     partial = None
     if args.from_rows:
-        rows = [json.loads(line) for line in args.from_rows.read_text().splitlines() if line.strip()]
-        partial = (f"rows computed on {args.ran_on or 'another machine'} by a run cut short: {len(rows)} of "
-                   f"{len(jobs)} (method, size, seed) rows finished; rendered here from its row log. Cells "
-                   "with fewer than 3 seeds are shown with the seeds they have; missing cells are absent.")
+        rows = _rows_from_logs(args.from_rows, {(r, d, w, m, s) for r, d, w, _, m, s in jobs})
+        if len(rows) < len(jobs):
+            partial = (f"rows computed on {args.ran_on or 'another machine'} by a run cut short: {len(rows)} of "
+                       f"{len(jobs)} (method, size, seed) rows finished; rendered here from its row log. Cells "
+                       "with fewer than 3 seeds are shown with the seeds they have; missing cells are absent.")
     else:
         rows = run_parallel(run_cell, jobs, args.workers, str(teacher_dir), bank, rows_log=args.rows_log)
     _setup_worker(str(teacher_dir), bank, 1)
     teacher_acc = accuracy(_teacher(), _data("fashion_mnist", budget, budget.seeds[0])["test"])
     selected = [r.pop("selection") for r in rows if not r["na"]]
-    config = {"quick": args.quick, "partial": partial, "bank": bank, "teacher": f"{teacher_desc}, test accuracy {100 * teacher_acc:.1f}%",
+    config = {"quick": args.quick, "partial": partial, "rows_from": args.ran_on if args.from_rows else None, "bank": bank, "teacher": f"{teacher_desc}, test accuracy {100 * teacher_acc:.1f}%",
               "teacher_test_acc": teacher_acc, "seeds": budget.seeds, "workers": args.workers,
               "split_sizes": {"train": budget.n_train, "validation": budget.n_val, "test": budget.n_test,
                               "train_pool": budget.pool},
