@@ -33,6 +33,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -51,7 +52,7 @@ from wave_hf.distill import config_from_teacher, distill, r2_score  # noqa: E402
 from wave_hf.kronecker import kron_vector, nearest_kronecker_vector  # noqa: E402
 from wave_hf.teachers import load_teacher  # noqa: E402
 
-TITLE = "Stage 1 on a real teacher (DINOv2 ViT-S/14): R^2 against steps, with and without teacher forcing"
+TITLE = "Stage 1 on a real teacher (DINOv2 ViT-S/14): R^2 against steps, vector templates, teacher forcing"
 CHAIN = {"feature_weight": 1.0, "layer_weight": 1.0, "forced_weight": 0.0}
 #: variant -> (loss weights, vector templates: a number, or "r" for the auxiliary width / template width)
 VARIANTS: dict[str, tuple[dict[str, float], int | str]] = {
@@ -165,7 +166,7 @@ def markdown(rows: list[dict[str, Any]], config: dict[str, Any], floor: list[dic
     return lines
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, floor: list[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,16 +175,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for ax, key, title in ((axes[0], "cls_r2", "final CLS"), (axes[1], "patch_mean_r2", "mean patch")):
         for variant in dict.fromkeys(r["loss"] for r in rows):
-            pts = sorted((r["step"], r[key]) for r in rows if r["loss"] == variant)
+            pts = sorted((r["step"], r[key]) for r in rows if r["loss"] == variant and r["step"] > 0)
             ax.plot(*zip(*pts), marker="o", label=variant)
         ax.axhline(0, color="grey", lw=0.8)
         ax.axhline(0.8, color="green", lw=0.8, ls="--", label="issue 14 goal")
-        ax.set_ylim(bottom=max(-12, min(r[key] for r in rows) - 0.5), top=1.05)
+        for f in floor:
+            if f["num_vector_templates"] == 3:
+                ax.axhline(f[key], color="tab:blue", lw=0.8, ls=":", label="J = 3 ceiling (final LayerNorm alone)")
+        ax.set_ylim(bottom=max(-3, min(r[key] for r in rows if r["step"] > 0) - 0.3), top=1.05)
         ax.set_xlabel("stage-1 steps")
         ax.set_ylabel(f"{title} R^2 vs teacher (validation)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Stage 1 on DINOv2 ViT-S/14: how much of the teacher it keeps")
+    fig.suptitle("Stage 1 on DINOv2 ViT-S/14: how much of the teacher it keeps (step 0, R^2 < -9, not drawn)")
     fig.tight_layout()
     protocol.save_figure(fig, path)
 
@@ -196,9 +200,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: the two chain variants (all three on the gpu budget)")
     p.add_argument("--workers", type=int, default=2, help="processes (one variant each, 1 torch thread)")
     p.add_argument("--name", default=None, help="results file stem (default stage1_steps[_quick|_gpu])")
+    p.add_argument("--resummarize", action="store_true", help="re-render results/<name>.md from its stored rows")
     args = p.parse_args(argv)
     budget_name = args.budget
     name = args.name or ("stage1_steps" if budget_name == "cpu" else f"stage1_steps_{budget_name}")
+    if args.resummarize:
+        floor = json.loads((RESULTS / f"{name}.json").read_text())["summary"]["vector_floor"]
+        payload = protocol.resummarize(name, lambda rows: {"vector_floor": floor, "rows": rows},
+                                       lambda summary, config: markdown(summary["rows"], config, floor), title=TITLE)
+        plot(payload["rows"], RESULTS / f"{name}.png", floor)
+        return 0
     budget = BUDGETS[budget_name]
     protocol.setup_process(1)
     variants = args.variants or (list(VARIANTS) if budget_name == "gpu" else list(VARIANTS)[:2])
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
               "budgets": budget}
     protocol.write_results(name, rows, config=config, selected=[], summary={"vector_floor": floor},
                            markdown=markdown(rows, config, floor), title=TITLE)
-    plot(rows, RESULTS / f"{name}.png")
+    plot(rows, RESULTS / f"{name}.png", floor)
     print((RESULTS / f"{name}.md").read_text(), flush=True)
     return 0
 

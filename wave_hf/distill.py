@@ -82,7 +82,7 @@ def config_from_teacher(teacher: Any, *, image_size: int | None = None, **overri
 
     Why J = r: a vector tensor (LayerNorm, bias, embedding) is held as a rank-J Kronecker sum, exact only from
     J = r on. A real teacher's vectors are not low-rank: DINOv2 ViT-S/14's final LayerNorm alone, cut to J = 3
-    of r = 6 in the exact teacher, caps its CLS R^2 at about 0.06 (``benchmarks/results/stage1_steps.md``),
+    of r = 6 in the exact teacher, caps its CLS R^2 at 0.11 (``benchmarks/results/stage1_steps.md``),
     while J = r costs about 1% of the teacher's parameters."""
     teacher = load_teacher(teacher, image_size=image_size)
     s, c = teacher.shape, teacher.config
