@@ -34,6 +34,10 @@ def _ms(s: dict[str, float]) -> str:
 
 def _run_line(env: dict[str, Any]) -> str:
     m = env["machine"]
+    rows_from = (env.get("config") or {}).get("rows_from")
+    if rows_from:  # rendered from the row logs of other processes: the envelope timed only the rendering
+        return (f"rows computed by {rows_from.split(':')[0]} (each row records its own seconds), rendered at git "
+                f"{str(env['git']['revision'])[:8]}")
     return (f"wall {env['wall_s'] / 60:.1f} min, CPU {env['cpu_s'] / 60:.1f} min on {m['cores']} cores "
             f"({m['cpu']}; load {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end), "
             f"git {str(env['git']['revision'])[:8]}{' + local changes' if env['git']['dirty'] else ''}")
