@@ -40,20 +40,21 @@ job() {  # name, then the benchmark's arguments
   timeout "$LIMIT" python3 "$@" --rows-log "$OUT_DIR/$name.rows.jsonl" > "$OUT_DIR/$name.log" 2>&1
   echo "$name exit $? at $(date -u +%T)" >> "$OUT_DIR/status.txt"
 }
+finish() {  # an ONLY= run ends here: results and logs in one archive
+  tar -czf "$OUT_DIR/results.tgz" benchmarks/results "$OUT_DIR"/*.log "$OUT_DIR"/*.jsonl "$OUT_DIR"/*.txt 2>/dev/null
+  cat "$OUT_DIR/status.txt"
+  exit 0
+}
 echo "start $(date -u +%T)" > "$OUT_DIR/status.txt"
 if [ "${ONLY:-}" = stage1_steps ]; then  # stage-1 R^2 against steps on DINOv2, both losses side by side
   timeout "$LIMIT" python3 benchmarks/stage1_steps.py --budget "$([ "$MODE" = smoke ] && echo quick || echo gpu)" \
     > "$OUT_DIR/stage1_steps.log" 2>&1
   echo "stage1_steps exit $? at $(date -u +%T)" >> "$OUT_DIR/status.txt"
-  tar -czf "$OUT_DIR/results.tgz" benchmarks/results "$OUT_DIR"/*.log "$OUT_DIR"/*.txt 2>/dev/null
-  cat "$OUT_DIR/status.txt"
-  exit 0
+  finish
 fi
 if [ "${ONLY:-}" = real_teacher ]; then
   job real_teacher benchmarks/real_teacher.py "${REAL[@]}" --workers "$WORKERS"
-  tar -czf "$OUT_DIR/results.tgz" benchmarks/results "$OUT_DIR"/*.log "$OUT_DIR"/*.jsonl "$OUT_DIR"/*.txt 2>/dev/null
-  cat "$OUT_DIR/status.txt"
-  exit 0
+  finish
 fi
 job real_teacher benchmarks/real_teacher.py "${REAL[@]}" --workers $((WORKERS + 1)) &
 # The aux-probe teacher is made once, before the three grids that share it start.

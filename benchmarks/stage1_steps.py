@@ -105,10 +105,9 @@ def run(job: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
     protocol.setup_process(1)
     teacher, train, val = _sets(budget)
     weights, vectors = VARIANTS[loss]
-    probe = config_from_teacher(teacher, template_width=FIXED["template_width"])
+    vector_option = {} if vectors == "r" else {"num_vector_templates": vectors}  # config_from_teacher's default is r
     config = config_from_teacher(teacher, template_width=FIXED["template_width"],
-                                 num_templates=FIXED["num_templates"],
-                                 num_vector_templates=probe.aux_ratio if vectors == "r" else vectors)
+                                 num_templates=FIXED["num_templates"], **vector_option)
     rows, seconds = [], 0.0
     with tempfile.TemporaryDirectory(prefix="stage1-steps-") as out:
         for stop in range(budget["every"], budget["steps"] + 1, budget["every"]):
