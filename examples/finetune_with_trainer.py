@@ -12,9 +12,9 @@ import argparse
 
 import numpy as np
 from transformers import Trainer, TrainingArguments, ViTForImageClassification
-from wave_hf.data import collate_images, load_image_dataset
 
 from wave_hf import WaveInitializer
+from wave_hf.data import collate_images, load_image_dataset
 
 
 def main() -> None:

@@ -13,12 +13,20 @@ from testing_common import assert_state_dicts_equal
 from transformers import ViTConfig, ViTForImageClassification
 
 from wave_hf import vit_layout
-from wave_hf.baselines import INIT_METHODS, REPORT_ORDER, init_model, linear_fit, uniform_indices
+from wave_hf.baselines import (
+    INIT_METHODS,
+    REPORT_ORDER,
+    init_model,
+    linear_fit,
+    train_learngene,
+    uniform_indices,
+)
 from wave_hf.baselines.weight_selection import select_tensor
 
 HAS_FIT = importlib.util.find_spec("wave_hf.fit") is not None
 FIT = dict(steps=2, max_images=16, batch_size=8)  # a smoke-sized fitting budget for the fitting methods
 OPTIONS = {"weight_selection_matched": FIT, "wave_fitted": FIT}
+FITTING = tuple(OPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +51,15 @@ def train_data() -> Dataset:
     return ds.with_format("torch")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def learngene(teacher, train_data):
+    """A 32-wide TLEG learngene of the tiny teacher (two steps: the table checks contracts, not quality)."""
+    gene = train_learngene(teacher, train_data, 32, num_heads=2, steps=2, batch_size=8, progress=False)
+    OPTIONS["tleg_learngene"] = {"learngene": gene}
+    yield gene
+    del OPTIONS["tleg_learngene"]
+
+
 def _build(method, depth, width, teacher, tiny_init, train_data, seed=0, **kw):
     return init_model(method, depth, width, teacher=teacher, initializer=tiny_init, train_dataset=train_data,
                       seed=seed, **{**OPTIONS.get(method, {}), **kw})
@@ -63,7 +80,7 @@ def test_registry_lists_every_method_in_report_order():
 def test_method_returns_stock_vit_that_loads_with_plain_transformers(method, teacher, tiny_init, train_data,
                                                                      tmp_path, images):
     _needs_fit(method)
-    extra = {"distill": False} if method in OPTIONS else {}  # 7 labels: a task the 10-label teacher does not know
+    extra = {"distill": False} if method in FITTING else {}  # 7 labels: a task the 10-label teacher does not know
     model = _build(method, 2, 32, teacher, tiny_init, train_data, num_heads=2, num_labels=7, **extra)
     assert type(model) is ViTForImageClassification
     c = model.config

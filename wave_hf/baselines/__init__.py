@@ -8,7 +8,8 @@ Every method returns a stock ``ViTForImageClassification`` (it saves and loads w
 """
 
 # Registration order is the order of the benchmark's tables: baselines first, WAVE last.
-from . import random_init, weight_selection, weight_selection_matched, tleg, wave  # noqa: F401,I001
+from . import random_init, weight_selection, weight_selection_matched, tleg, learngene, wave  # noqa: F401,I001
+from .learngene import Learngene, train_learngene
 from .registry import INIT_METHODS, InitMethod, init_model, register_init_method
 from .tleg import linear_fit
 from .weight_selection import select_tensor, uniform_indices
@@ -19,9 +20,11 @@ __all__ = [
     "REPORT_ORDER",
     "INIT_METHODS",
     "InitMethod",
+    "Learngene",
     "init_model",
     "linear_fit",
     "register_init_method",
     "select_tensor",
+    "train_learngene",
     "uniform_indices",
 ]
