@@ -67,6 +67,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "wave_fitted:first+probe+layers": ("wave_fitted", {"depth_rule": "first", "head_probe_steps": 25,
                                                        "layer_weight": 1.0}),
     "wave_default:first": ("wave_default", {"depth_rule": "first"}),
+    # per-layer low-rank corrections in the fit: freedom the shared templates lack (at r = 1 a layer has only N
+    # scalars per matrix type), still folded exactly
+    "wave_fitted:lowrank8": ("wave_fitted", {"lowrank_rank": 8}),
+    "wave_fitted:lowrank32": ("wave_fitted", {"lowrank_rank": 32}),
 }
 LABELS.update({v: f"{LABELS[m]} [{', '.join(f'{k}={o}' for k, o in kw.items())}]" for v, (m, kw) in VARIANTS.items()})
 
@@ -399,7 +403,8 @@ def run_cell(job: tuple[str, int, int, Budget, str, int]) -> dict[str, Any]:
     base, options = base_method(method)
     fit_steps = budget.fit_steps + options.get("head_probe_steps", 0) if base in FITTING else 0
     fit_images = fit_steps * budget.fit_batch
-    row.update(na=False, chosen=chosen, **cfg, selection=record, acc_val=record["scores"][chosen],
+    grid = {key: sorted({c[key] for _, c in cands}) for key in cfg}
+    row.update(na=False, chosen=chosen, **cfg, grid=grid, selection=record, acc_val=record["scores"][chosen],
                acc=accuracy(model, d["test"]), acc_init=accuracy(start, d["test"]),
                params=sum(p.numel() for p in model.parameters()), seconds=time.perf_counter() - t0,
                fit_image_passes=fit_images, images_seen=fit_images + int(len(d["train"]) * budget.ft_epochs),
@@ -593,7 +598,20 @@ def summarize(rows: list[dict[str, Any]], budget: Budget, methods: Sequence[str]
                               "ties": sum(v["verdict"] == "tie" for v in vs),
                               "losses": sum(v["verdict"] == "loss" for v in vs),
                               "mean_margin": statistics.mean(v["margin"] for v in vs)})
-    return {"cells": cells, "wave_vs": versus, "tally": tally}
+    return {"cells": cells, "wave_vs": versus, "tally": tally, "grid_edges": grid_edges(rows, budget, methods)}
+
+
+def grid_edges(rows: list[dict[str, Any]], budget: Budget, methods: Sequence[str]) -> list[dict[str, Any]]:
+    """``protocol.grid_edges`` over every choice of these rows (a row's own ``grid``; rows written before rows
+    carried it: the method's current candidates)."""
+    choices = []
+    for r in rows:
+        if r["na"] or r["method"] not in methods:
+            continue
+        grid = r.get("grid") or {k: sorted({c[k] for _, c in candidates(r["method"], budget.layer_decays)})
+                                 for k in candidates(r["method"], budget.layer_decays)[0][1]}
+        choices += [(LABELS[r["method"]], key, r[key], values) for key, values in grid.items() if r[key] in values]
+    return protocol.grid_edges(choices)
 
 
 def markdown(result: dict[str, Any], budget: Budget, methods: Sequence[str] = tuple(METHODS)) -> list[str]:
@@ -652,6 +670,7 @@ def markdown(result: dict[str, Any], budget: Budget, methods: Sequence[str] = tu
                          f"{100 * t['mean_margin']:+.1f} |")
         lines.append("")
     lines += validation_choice(result.get("rows", []), methods)
+    lines += protocol.grid_edges_md(s.get("grid_edges", []))
     sp = result.get("speed")
     if sp:
         lines += ["## Speed and scale (no choices)", "", "| check | measured |", "|---|---|"]

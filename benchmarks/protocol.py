@@ -168,6 +168,54 @@ def choose_on_validation(candidates: Sequence[tuple[str, Any]], score_fn: Callab
     return best[1], best[2], record
 
 
+#: A hyperparameter whose choices sit on one end of its candidate grid this often is reported as "at the edge":
+#: the best value likely lies beyond the grid, and the grid (of every method alike) should move.
+EDGE_SHARE = 0.75
+
+
+def grid_edges(choices: Iterable[tuple[str, str, float, Sequence[float]]], share: float = EDGE_SHARE
+               ) -> list[dict[str, Any]]:
+    """How often each (method, hyperparameter) was chosen at the low or high end of its candidate values.
+
+    ``choices``: ``(method, name, chosen value, candidate values)``, one per choice made on validation. Returns
+    one record per (method, name) with ``n``, ``low``, ``high`` (counts), the grid and ``flag``: ``"low"`` or
+    ``"high"`` when that end took more than ``share`` of the choices, else None. A grid of one value has no
+    edge to report. Why: validation picks within the grid only, so a grid that is too narrow hides a better
+    setting from every choice and says nothing; the count is what shows it.
+    """
+    counts: dict[tuple[str, str], dict[str, Any]] = {}
+    for method, name, chosen, values in choices:
+        grid = sorted(set(values))
+        if len(grid) < 2:
+            continue
+        rec = counts.setdefault((method, name), {"method": method, "name": name, "grid": grid, "n": 0, "low": 0,
+                                                 "high": 0})
+        rec["n"] += 1
+        rec["low"] += chosen == grid[0]
+        rec["high"] += chosen == grid[-1]
+    out = []
+    for rec in counts.values():
+        flag = next((end for end in ("low", "high") if rec[end] > share * rec["n"]), None)
+        out.append({**rec, "flag": flag})
+    return out
+
+
+def grid_edges_md(edges: Sequence[dict[str, Any]], share: float = EDGE_SHARE) -> list[str]:
+    """The ``grid_edges`` table for a result file (empty when nothing was chosen from a grid)."""
+    if not edges:
+        return []
+    lines = ["## Search grids: where validation chose", "",
+             f"Per method and hyperparameter: choices at the low / high end of its candidates; flagged when one end "
+             f"took more than {share:.0%} of them (the best value may lie beyond the grid).", "",
+             "| method | hyperparameter | candidates | choices | at low end | at high end | flag |",
+             "|---|---|---|---|---|---|---|"]
+    for e in edges:
+        flag = f"**{e['flag']} end**" if e["flag"] else ""
+        grid = ", ".join(f"{v:g}" for v in e["grid"])
+        lines.append(f"| {e['method']} | {e['name']} | {grid} | {e['n']} | {e['low']} | {e['high']} | {flag} |")
+    return [*lines, ""]
+
+
 # ------------------------------------------------------------------------------------------- spreads
 def mean_spread(values: Iterable[float]) -> dict[str, float]:
     v = [float(x) for x in values]
