@@ -33,6 +33,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -81,9 +82,10 @@ def _sets(budget: dict[str, Any]) -> tuple[Any, Any, Any]:
 def vector_floor(budget: dict[str, Any]) -> list[dict[str, Any]]:
     """CLS / mean-patch R^2 of the exact teacher whose final LayerNorm weight and bias are replaced by their
     rank-J approximations (J = 1 .. r): the most any bank with J vector templates can keep."""
-    teacher, _, val = _sets(budget)
+    shared, _, val = _sets(budget)
     x = collate_images([val[i] for i in range(len(val))])["pixel_values"]
-    reference = teacher(x).last_hidden_state
+    reference = shared(x).last_hidden_state
+    teacher = copy.deepcopy(shared)  # the cached teacher other variants read stays untouched
     norm = teacher.encoder.layernorm
     original = [p.detach().clone() for p in (norm.weight, norm.bias)]
     ratio = norm.weight.numel() // FIXED["template_width"]
@@ -94,8 +96,6 @@ def vector_floor(budget: dict[str, Any]) -> list[dict[str, Any]]:
         h = teacher(x).last_hidden_state
         rows.append({"num_vector_templates": j, "cls_r2": round(r2_score(h[:, 0], reference[:, 0]), 5),
                      "patch_mean_r2": round(r2_score(h[:, 1:].mean(1), reference[:, 1:].mean(1)), 5)})
-    for p, value in zip((norm.weight, norm.bias), original, strict=True):
-        p.copy_(value)
     return rows
 
 

@@ -151,6 +151,20 @@ def test_errors_name_the_bad_value_and_the_accepted_one(gene, teacher, data):
         train_learngene(teacher, data, 96, init="teacher", **SMOKE)
     with pytest.raises(ValueError, match="init"):
         train_learngene(teacher, data, 32, init="zeros", **SMOKE)
-    headless = ViTModel(teacher.config, add_pooling_layer=False)
-    with pytest.raises(ValueError, match="head|logits"):
-        train_learngene(headless, data, 32, **SMOKE)
+    with pytest.raises(ValueError, match="image_size"):
+        train_learngene(teacher, data, 32, image_size=30, **SMOKE)
+
+
+def test_a_headless_teacher_teaches_through_its_cls_feature(teacher, data):
+    """A teacher without logits (a DINOv2 backbone, here a headless ViT) distils by its final CLS feature
+    through a map to its width; the learngene works at the requested image size."""
+    headless = ViTModel(teacher.config, add_pooling_layer=False).eval()
+    headless.load_state_dict({k.removeprefix(vit_layout.ENCODER_PREFIX): v for k, v in teacher.state_dict().items()
+                              if k.startswith(vit_layout.ENCODER_PREFIX)})
+    gene = train_learngene(headless, data, 32, num_heads=2, eval_dataset=data, **{**SMOKE, "steps": 20}, lr=3e-3)
+    m = gene.metrics
+    assert m["teacher_signal"] == "cls feature" and "aux_accuracy" not in m and m["aux_cls_r2"] <= 1.0
+    assert m["loss_end"] < m["loss_start"]
+    big = train_learngene(headless, data.map(lambda b: {"pixel_values": torch.nn.functional.interpolate(
+        b["pixel_values"], size=56)}, batched=True).with_format("torch"), 32, num_heads=2, image_size=56, **SMOKE)
+    assert big.shape.image_size == 56 and init_model("tleg_learngene", 2, 32, learngene=big).config.image_size == 56

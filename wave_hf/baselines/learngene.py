@@ -30,11 +30,11 @@ from torch.func import functional_call
 from transformers import ViTConfig, ViTForImageClassification
 
 from .. import vit_layout
-from ..distill import kl_loss, task_labels
+from ..distill import kl_loss, r2_score, standardized_mse, task_labels
 from ..io import HubMixin
 from ..loop import Cosine, LoopSettings, run_loop
 from ..teachers import load_teacher
-from ..training import accuracy, check_dataset, dataset_batches
+from ..training import accuracy, check_dataset, dataset_batches, dataset_labels, dataset_num_labels, predict
 from ..validation import MAX_DEPTH, MAX_WIDTH, check_choice, check_float, check_int
 from .common import config_like, model_from_encoder
 from .registry import InitRequest, register_init_method
@@ -176,16 +176,19 @@ class Learngene(nn.Module, HubMixin):
 
 class _AuxiliaryModel(nn.Module):
     """The learngene's auxiliary model: a stock ViT run on ``gene.expand(depth)`` (``functional_call``), so
-    every layer's gradient flows into the one ``(base, slope)`` pair; only its classifier is its own."""
+    every layer's gradient flows into the one ``(base, slope)`` pair. ``x -> (logits, final CLS feature mapped
+    to the teacher's width)``; the map exists only for a teacher without logits (discarded after training)."""
 
-    def __init__(self, gene: Learngene, classifier_model: ViTForImageClassification):
+    def __init__(self, gene: Learngene, classifier_model: ViTForImageClassification, project: nn.Linear | None):
         super().__init__()
-        self.gene, self.vit = gene, classifier_model
+        self.gene, self.vit, self.project = gene, classifier_model, project
         self.vit.vit.requires_grad_(False)  # placeholders: the encoder's values come from the learngene
 
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        state = self.gene.expand(self.gene.shape.depth)
-        return functional_call(self.vit, state, (pixel_values,), strict=False).logits
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None]:
+        prefix = vit_layout.ENCODER_PREFIX
+        state = {k.removeprefix(prefix): v for k, v in self.gene.expand(self.gene.shape.depth).items()}
+        feature = functional_call(self.vit.vit, state, (pixel_values,), strict=False).last_hidden_state[:, 0]
+        return self.vit.classifier(feature), (self.project(feature) if self.project is not None else None)
 
 
 def train_learngene(
@@ -201,25 +204,33 @@ def train_learngene(
     weight_decay: float = 0.05,
     warmup_ratio: float = 0.05,
     temperature: float = 1.0,
+    image_size: int | None = None,
     seed: int = 0,
     eval_dataset: Any | None = None,
     output_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Learngene:
-    """Train a TLEG learngene of ``width`` by distillation from ``teacher``'s logits (module docstring).
+    """Train a TLEG learngene of ``width`` by distillation from ``teacher`` (module docstring).
+
+    A teacher with logits for the data's labels teaches as in TLEG (soft KD); one without (a headless DINOv2)
+    teaches through its final CLS feature: ``standardized_mse`` of the learngene's CLS feature, mapped to the
+    teacher's width by a linear map trained with it and then discarded, as ``wave_hf.fit`` does.
 
     ``init``: ``"teacher"`` (line through the Weight-Selected teacher; needs ``width`` <= the teacher's),
     ``"scratch"`` (TLEG's random start: a stock ViT's init, seeded) or ``"auto"`` (teacher where possible).
     The auxiliary depth is the teacher's. The optimiser settings default to those of ``wave_hf.distill``;
     ``output_dir`` holds resumable checkpoints (the shared training loop's). With ``eval_dataset``, the
-    teacher's and the auxiliary model's accuracy on it go to ``metrics``, as ``distill`` records them.
+    teacher's and the auxiliary model's accuracy on it (with logits) or the mapped CLS feature's R^2 (without)
+    go to ``metrics``, as ``distill`` records them. ``image_size``: work at this input size (a multiple of the
+    teacher's patch size; default the teacher's); the learngene builds at that size.
     """
     init = check_choice("init", init, INITS)
     check_dataset(train_dataset)
     if eval_dataset is not None:
         check_dataset(eval_dataset, "eval_dataset")
-    teacher = load_teacher(teacher, head="logits")
-    teacher = teacher.for_task(*task_labels(teacher, train_dataset), head="logits")
+    teacher = load_teacher(teacher, image_size=image_size)
+    teacher = teacher.for_task(*task_labels(teacher, train_dataset))
+    headed = teacher.has_head
     source = teacher.shape
     width = check_int("width", width, 1, MAX_WIDTH)
     if init == "auto":
@@ -230,8 +241,13 @@ def train_learngene(
     temperature = check_float("temperature", temperature, 1e-3, 100.0)
     settings = LoopSettings(steps=steps, lr=lr, batch_size=batch_size, schedule=Cosine(int(warmup_ratio * steps)),
                             seed=seed, output_dir=output_dir, progress=progress, desc=f"learngene w{width}")
-    config = config_like(teacher.config, source.depth, width, num_heads, teacher.num_labels,
-                         {int(k): str(v) for k, v in (teacher.config.id2label or {}).items()} or None)
+    if headed:
+        num_labels = teacher.num_labels
+        id2label = {int(k): str(v) for k, v in (teacher.config.id2label or {}).items()} or None
+    else:
+        num_labels, id2label = dataset_num_labels(train_dataset)
+        num_labels = num_labels if num_labels is not None else max(dataset_labels(train_dataset)) + 1
+    config = config_like(teacher.config, source.depth, width, num_heads, num_labels, id2label)
     shape = vit_layout.shape_of(config)
     gene = Learngene(shape, qkv_bias=config.qkv_bias, layer_norm_eps=config.layer_norm_eps,
                      hidden_act=config.hidden_act)
@@ -249,7 +265,10 @@ def train_learngene(
     if head is not None and head.in_features == width:
         with torch.no_grad():
             stock.classifier.load_state_dict(head.state_dict())
-    model = _AuxiliaryModel(gene, stock)
+    project = None if headed else nn.Linear(width, source.width)
+    if not headed:
+        stock.classifier.requires_grad_(False)  # no labels are used: the head would only drift
+    model = _AuxiliaryModel(gene, stock, project)
     decay = [p for g in (gene.base, gene.slope) for n, p in g.items() if n in DECAYED]
     decay.append(gene.globals["patch_weight"])
     ids = {id(p) for p in decay}
@@ -259,27 +278,50 @@ def train_learngene(
     def loss_fn(student: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x = batch["pixel_values"]
         with torch.no_grad():
-            target = teacher.to(x.device).logits(x)
-        return kl_loss(student(x), target, temperature)
+            target = teacher.to(x.device)(x)
+        logits, feature = student(x)
+        if headed:
+            return kl_loss(logits, target.logits, temperature)
+        return standardized_mse(feature, target.feature)
 
     fingerprint = {"job": "tleg_learngene", "width": width, "init": init, "weight_decay": weight_decay,
-                   "warmup_ratio": warmup_ratio, "temperature": temperature}
+                   "warmup_ratio": warmup_ratio, "temperature": temperature, "headed": headed,
+                   "image_size": config.image_size}
     wrapper, log = run_loop(model, groups, dataset_batches(train_dataset, settings), loss_fn, settings,
                             fingerprint=fingerprint)
     gene = wrapper.gene.cpu().requires_grad_(False)
     head_n = min(10, len(log.losses))
-    if eval_dataset is not None:
+    if eval_dataset is not None and headed:
         folded = auxiliary_model(gene, teacher.num_labels)
         folded.classifier.load_state_dict(wrapper.vit.classifier.state_dict())
         gene.metrics.update(aux_accuracy=round(accuracy(folded, eval_dataset), 5),
                             teacher_accuracy=round(accuracy(teacher, eval_dataset), 5))
+    elif eval_dataset is not None:
+        wrapper.cpu()
+        mapped, _ = predict(_MappedFeature(wrapper), eval_dataset)
+        target, _ = predict(teacher.cpu(), eval_dataset)
+        gene.metrics["aux_cls_r2"] = round(r2_score(mapped, target), 5)
     gene.metrics.update({
-        "teacher_name_or_path": teacher.name_or_path, "init": init, "steps": log.steps_done,
+        "teacher_name_or_path": teacher.name_or_path, "teacher_signal": "logits" if headed else "cls feature",
+        "image_size": config.image_size, "init": init, "steps": log.steps_done,
         "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "temperature": temperature, "seed": seed,
         "loss_start": round(sum(log.losses[:head_n]) / max(head_n, 1), 5),
         "loss_end": round(sum(log.losses[-head_n:]) / max(head_n, 1), 5),
     })
     return gene
+
+
+class _MappedFeature(nn.Module):
+    """The auxiliary model's mapped CLS feature as ``predict`` reads a headless model (``last_hidden_state``)."""
+
+    def __init__(self, model: _AuxiliaryModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: Tensor) -> Any:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return BaseModelOutput(last_hidden_state=self.model(pixel_values)[1][:, None])
 
 
 def auxiliary_model(gene: Learngene, num_labels: int = 10) -> ViTForImageClassification:
