@@ -127,6 +127,20 @@ def test_protocol_win_rule_and_validation_record(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_protocol_flags_a_search_grid_whose_choices_sit_at_one_end():
+    p = _protocol()
+    grid = [1e-3, 1e-2]
+    choices = [("wave", "lr", 1e-2, grid)] * 7 + [("wave", "lr", 1e-3, grid)] + \
+              [("ws", "lr", 3e-4, [3e-4, 1e-3, 3e-3])] * 2 + [("ws", "lr", 1e-3, [3e-4, 1e-3, 3e-3])] * 2 + \
+              [("one", "lr", 5.0, [5.0])]
+    edges = {e["method"]: e for e in p.grid_edges(choices)}
+    assert edges["wave"] == {"method": "wave", "name": "lr", "grid": grid, "n": 8, "low": 1, "high": 7, "flag": "high"}
+    assert edges["ws"]["flag"] is None and (edges["ws"]["low"], edges["ws"]["high"]) == (2, 0)
+    assert "one" not in edges  # one candidate: no edge to report
+    md = "\n".join(p.grid_edges_md(list(edges.values())))
+    assert "**high end**" in md and "0.001, 0.01" in md
+
+
 def test_protocol_pools_are_raw_safetensors_and_match_the_loader(tmp_path, monkeypatch):
     """The benchmarks' data: stored bytes cached as safetensors + JSON (nothing unpickled), and every image
     size derived from them equals what ``wave_hf.data`` makes of the same images."""
