@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
-from _common import cache_dir  # noqa: E402
+from _common import cache_dir, learngene_dir  # noqa: E402
 from protocol import RESULTS, SEEDS, TensorImages, choose_on_validation, mean_spread, win  # noqa: E402
 
 ANCESTRY = "fmnist-vit-12x192-p7"
@@ -57,6 +57,8 @@ LABELS = {"random": "random init", "weight_selection": "Weight Selection",
           "tleg": "linear-depth (TLEG-style)", "tleg_learngene": "TLEG (trained learngene)",
           "wave_default": "WAVE, default scalers", "wave_fitted": "WAVE fitted"}
 FITTING = ("wave_fitted", "weight_selection_matched")
+#: (steps, batch) of the TLEG learngenes the grid reads (``tleg_learngenes.py``'s budget)
+LEARNGENE_BUDGET = (2000, 64)
 #: Ablation rows (issue 17, ``--name init_ablation``): a registry method with options, each with the same search
 #: budget as its method. ``head_probe_steps`` are charged as extra fitting images.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -253,15 +255,13 @@ def _initializer():
 
 def _learngene(width: int):
     """TLEG's learngene of this width, trained once by ``tleg_learngenes.py`` from this grid's teacher."""
-    from tleg_learngenes import learngene_dir
-
     from wave_hf.baselines import Learngene
 
     cache = _STATE.setdefault("learngenes", {})
     if width not in cache:
         given = _STATE.get("spec", {}).get("learngenes")  # real_teacher.py trains its own
-        path = Path(given[width]) if given and width in given else learngene_dir(Path(_STATE["teacher_dir"]).name,
-                                                                                  width)
+        path = Path(given[width]) if given and width in given else learngene_dir(
+            Path(_STATE["teacher_dir"]).name, width, *LEARNGENE_BUDGET)
         if not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"no TLEG learngene of width {width} at {path}: run "
                                     f"`python benchmarks/tleg_learngenes.py --widths {width}` first")

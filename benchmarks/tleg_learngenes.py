@@ -26,16 +26,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
-from _common import cache_dir  # noqa: E402
+from _common import learngene_dir  # noqa: E402
+from init_sizes import LEARNGENE_BUDGET, bank_path, teacher_path  # noqa: E402
 
 WIDTHS = [64, 128, 192, 256]
-STEPS, BATCH = 2000, 64
+STEPS, BATCH = LEARNGENE_BUDGET  # the budget whose learngenes the grid reads
 EVAL_IMAGES = 1000
-
-
-def learngene_dir(teacher_tag: str, width: int, steps: int = STEPS, batch: int = BATCH) -> Path:
-    """Where the learngene of this teacher, width and budget lives (``init_sizes`` reads it from here)."""
-    return cache_dir() / "learngene" / f"{teacher_tag}-s{steps}x{batch}" / f"w{width}"
 
 
 def _train(job: tuple[str, str, int, int, int, bool]) -> dict[str, Any]:
@@ -77,8 +73,6 @@ def markdown(rows: list[dict[str, Any]], steps: int, batch: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from init_sizes import bank_path, teacher_path
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps on 2,000 images")
     parser.add_argument("--widths", type=int, nargs="+", default=WIDTHS)
