@@ -21,7 +21,10 @@ on Fashion-MNIST training images: Weight Selection then selects from the same di
 builds from. The result file says which teacher ran.
 
 ``tleg`` is reported as "linear-depth (TLEG-style)": a least-squares line in depth fitted to WAVE's own
-auxiliary model, not TLEG as its paper defines it (a learngene trained under the linear-expansion constraint).
+auxiliary model, not TLEG as its paper defines it. ``tleg_learngene`` is TLEG as its paper defines it: a
+learngene per width trained under the linear-expansion constraint by distillation from the same teacher
+(``tleg_learngenes.py`` trains them once, ``LEARNGENE_BUDGET``; a missing one stops the run before any cell).
+Every result file ends with where validation chose in each search grid (``protocol.grid_edges``).
 """
 
 from __future__ import annotations
