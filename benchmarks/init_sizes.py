@@ -700,7 +700,9 @@ def markdown(result: dict[str, Any], budget: Budget, methods: Sequence[str] = tu
               "- Transfer regime: the fits use CE only; Weight Selection, the TLEG-style line"
               + (" and TLEG's learngenes" if tleg_run else "") + " still start from the Fashion-MNIST teacher / bank.",
               "- Seconds in the JSON are wall time on a shared machine; compare within a run only.",
-              "- One-off costs are not charged to any size (the teacher, the bank).",
+              "- One-off costs are not charged to any size (the teacher, the bank"
+              + (", TLEG's learngenes: one per width, each distilled for itself, where WAVE's one bank serves every "
+                 "width" if tleg_run else "") + ").",
               "- The fit settings of the bank's library defaults (e.g. WAVE's fit lr 1e-2) were picked earlier by an "
               "ablation scored on test (`init_ablation.*`, removed); here each is only one of the validation "
               "candidates."]
