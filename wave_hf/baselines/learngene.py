@@ -251,8 +251,9 @@ def train_learngene(
     shape = vit_layout.shape_of(config)
     gene = Learngene(shape, qkv_bias=config.qkv_bias, layer_norm_eps=config.layer_norm_eps,
                      hidden_act=config.hidden_act)
-    torch.manual_seed(seed)
-    stock = ViTForImageClassification(config)  # the random start, and the module the auxiliary model runs
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's random state
+        torch.manual_seed(seed)
+        stock = ViTForImageClassification(config)  # the random start, and the module the auxiliary model runs
     state = select_encoder(teacher, shape) if init == "teacher" else {
         k: v for k, v in stock.state_dict().items() if k.startswith(vit_layout.ENCODER_PREFIX)}
     gene.set_from_state(state)

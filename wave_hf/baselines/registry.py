@@ -91,11 +91,12 @@ def init_model(
 
     Args:
         method: a key of ``INIT_METHODS`` (``random``, ``weight_selection``, ``weight_selection_matched``,
-            ``tleg``, ``wave_default``, ``wave_fitted``).
+            ``tleg``, ``tleg_learngene``, ``wave_default``, ``wave_fitted``).
         teacher: the ancestry (anything ``wave_hf.teachers.load_teacher`` takes: a ViT, DeiT or Dinov2 model,
             a folder or a repo id); Weight Selection copies from it, and the fitting methods distil from it
             unless ``distill=False``.
-        initializer: a ``WaveInitializer`` (the template bank) for ``tleg`` and the WAVE methods.
+        initializer: a ``WaveInitializer`` (the template bank) for ``tleg`` and the WAVE methods;
+            ``tleg_learngene`` takes its learngene as the option ``learngene=`` (``train_learngene``).
         train_dataset: images for the methods that fit on data (``wave_fitted``, ``weight_selection_matched``).
         seed: fixes every random choice (head, new scaler entries, data order); same seed, same bits.
         image_size: the target's input size (a multiple of the patch size; default the bank's, else the
