@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         for kind in bank.templates:
             bank.templates[kind].copy_(trained.templates[kind])
         bank.aux.load_state_dict(trained.scalers.state_dict())
-    bank.config.metrics = {**(bank.config.metrics or {}), "refresh_widths": args.widths, "refresh_steps": STEPS,
+    bank.config.metrics = {**(bank.config.metrics or {}), "refresh_widths": ",".join(map(str, args.widths)), "refresh_steps": STEPS,
                            "refresh_batch_size": BATCH, "refresh_lr": LR,
                            "refresh_loss_start": round(sum(log.losses[:10]) / 10, 5),
                            "refresh_loss_end": round(sum(log.losses[-10:]) / 10, 5)}
