@@ -14,7 +14,9 @@ with 20 warm-up steps, through the library's one training loop. A one-seed valid
 decided only that the grid below was worth running.
 
 The bank goes to ``$WAVE_HF_CACHE/multiwidth/w<widths>``; run the grid with
-``init_sizes.py --quick --teacher aux-probe --bank <that folder> --methods wave_fitted --name init_sizes_multiwidth``.
+``init_sizes.py --quick --teacher aux-probe --regimes fashion_mnist --bank <that folder> --methods wave_fitted
+--sizes 12x64 6x128 2x192 4x64 2x64 --name init_sizes_refresh_<widths>`` (the widths the refresh covers; the
+rows compare with ``init_sizes.md``'s, same seeds and splits).
 """
 
 from __future__ import annotations
