@@ -14,9 +14,11 @@ with 20 warm-up steps, through the library's one training loop. A one-seed valid
 decided only that the grid below was worth running.
 
 The bank goes to ``$WAVE_HF_CACHE/multiwidth/w<widths>``; run the grid with
-``init_sizes.py --quick --teacher aux-probe --regimes fashion_mnist --bank <that folder> --methods wave_fitted
+``init_sizes.py --quick --teacher $WAVE_HF_CACHE/ancestry/aux-probe-12x192-default --regimes fashion_mnist
+--bank <that folder> --methods wave_fitted
 --sizes 12x64 6x128 2x192 4x64 2x64 --name init_sizes_refresh_<widths>`` (the widths the refresh covers; the
-rows compare with ``init_sizes.md``'s, same seeds and splits).
+rows compare with ``init_sizes.md``'s: the same teacher, seeds and splits; ``--teacher aux-probe`` would make a new
+teacher from the refreshed bank).
 """
 
 from __future__ import annotations
