@@ -457,13 +457,19 @@ def main(argv: list[str] | None = None) -> int:
                           "search_budget_per_method": init_sizes.SEARCH_BUDGET, "ft_lrs": init_sizes.FT_LRS,
                           "fit_ft_lrs": init_sizes.FIT_FT_LRS, "fit_lrs": init_sizes.FIT_LRS},
               "methods": {m: init_sizes.LABELS[m] for m in METHODS}}
-    summary = {**res["summary"], "stage1": res["stage1"], "keeps": keeps}
-    protocol.write_results(args.name, rows, config=config, selected=selected, summary=summary,
-                           markdown=markdown(res, stage, budget, args.budget),
+    return write(args.name, rows, config, selected, res, stage, budget, args.budget)
+
+
+def write(name: str, rows: list[dict[str, Any]], config: dict[str, Any], selected: list[dict[str, Any]],
+          res: dict[str, Any], stage: Stage1, budget: Budget, budget_name: str) -> int:
+    """The result file (JSON, markdown) and its plot, from the rows and the stage-1 / probe record ``res``."""
+    summary = {**res["summary"], "stage1": res["stage1"], "keeps": res["keeps"]}
+    protocol.write_results(name, rows, config=config, selected=selected, summary=summary,
+                           markdown=markdown(res, stage, budget, budget_name),
                            title=f"WAVE on a real teacher: DINOv2 ViT-S/14 at {IMAGE_SIZE} px")
-    init_sizes.plot(res, protocol.RESULTS / f"{args.name}.png", budget, METHODS,
+    init_sizes.plot(res, protocol.RESULTS / f"{name}.png", budget, METHODS,
                     titles={g: f"{label}, teacher DINOv2 ViT-S/14" for g, label in REGIMES.items()})
-    print((protocol.RESULTS / f"{args.name}.md").read_text(), flush=True)
+    print((protocol.RESULTS / f"{name}.md").read_text(), flush=True)
     return 0
 
 
@@ -500,14 +506,7 @@ def add_tleg(args: argparse.Namespace, stage: Stage1, budget: Budget, widths: li
               "earlier_run": {k: v for k, v in env.items() if k not in ("config", "selected")},
               "tleg_added": "TLEG's learngenes, probe row and grid rows computed by this run (--add-tleg); every "
                             "other row as computed by the earlier run"}
-    protocol.write_results(args.name, rows, config=config, selected=selected,
-                           summary={**res["summary"], "stage1": stage1, "keeps": keeps},
-                           markdown=markdown(res, stage, budget, args.budget),
-                           title=f"WAVE on a real teacher: DINOv2 ViT-S/14 at {IMAGE_SIZE} px")
-    init_sizes.plot(res, protocol.RESULTS / f"{args.name}.png", budget, METHODS,
-                    titles={g: f"{label}, teacher DINOv2 ViT-S/14" for g, label in REGIMES.items()})
-    print((protocol.RESULTS / f"{args.name}.md").read_text(), flush=True)
-    return 0
+    return write(args.name, rows, config, selected, res, stage, budget, args.budget)
 
 
 if __name__ == "__main__":

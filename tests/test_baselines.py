@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from testing_common import assert_state_dicts_equal
-from transformers import ViTConfig, ViTForImageClassification
+from testing_common import assert_state_dicts_equal, random_images, tiny_vit_teacher
+from transformers import ViTForImageClassification
 
 from wave_hf import vit_layout
 from wave_hf.baselines import (
@@ -31,24 +31,12 @@ FITTING = tuple(OPTIONS)
 
 @pytest.fixture(scope="module")
 def teacher() -> ViTForImageClassification:
-    """A tiny trained-looking teacher with the tiny bank's geometry (3 x 48, head_dim 16, patch 7, 28x28x1)."""
-    config = ViTConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=192,
-                       image_size=28, patch_size=7, num_channels=1, num_labels=10)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = ViTForImageClassification(config)
-        with torch.no_grad():  # non-trivial LayerNorms and biases, so copying them is actually checked
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return tiny_vit_teacher()
 
 
 @pytest.fixture(scope="module")
 def train_data() -> Dataset:
-    gen = torch.Generator().manual_seed(2)
-    ds = Dataset.from_dict({"pixel_values": torch.randn(32, 1, 28, 28, generator=gen).numpy(),
-                            "labels": torch.randint(0, 10, (32,), generator=gen).tolist()})
-    return ds.with_format("torch")
+    return random_images(32, seed=2)
 
 
 @pytest.fixture(scope="module", autouse=True)

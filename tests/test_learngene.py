@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 from datasets import Dataset
-from testing_common import assert_state_dicts_equal
-from transformers import ViTConfig, ViTForImageClassification, ViTModel
+from testing_common import assert_state_dicts_equal, random_images, tiny_vit_teacher
+from transformers import ViTForImageClassification, ViTModel
 
 from wave_hf import vit_layout
 from wave_hf.baselines import Learngene, init_model, linear_fit, train_learngene
@@ -20,22 +20,12 @@ SMOKE = dict(steps=3, batch_size=8, progress=False)
 
 @pytest.fixture(scope="module")
 def teacher() -> ViTForImageClassification:
-    config = ViTConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=192,
-                       image_size=28, patch_size=7, num_channels=1, num_labels=10)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = ViTForImageClassification(config)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return tiny_vit_teacher()
 
 
 @pytest.fixture(scope="module")
 def data() -> Dataset:
-    gen = torch.Generator().manual_seed(5)
-    return Dataset.from_dict({"pixel_values": torch.randn(24, 1, 28, 28, generator=gen).numpy(),
-                              "labels": torch.randint(0, 10, (24,), generator=gen).tolist()}).with_format("torch")
+    return random_images(24, seed=5)
 
 
 @pytest.fixture(scope="module")

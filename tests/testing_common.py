@@ -44,3 +44,28 @@ def assert_same_results(a_path: Path, b_path: Path) -> None:
     """Two jobs' ``result.pt`` (a state dict the test's own job wrote) hold the same bits."""
     a, b = torch.load(a_path), torch.load(b_path)
     assert_state_dicts_equal(a, b)
+
+
+def tiny_vit_teacher() -> ViTForImageClassification:  # noqa: F821
+    """A tiny trained-looking 10-label teacher with the tiny bank's geometry (3 x 48, head_dim 16, patch 7,
+    28x28x1): every parameter is nudged off its init, so non-trivial LayerNorms and biases are really copied."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=192,
+                       image_size=28, patch_size=7, num_channels=1, num_labels=10)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ViTForImageClassification(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def random_images(n: int, seed: int):
+    """``n`` random 28x28 grey images with labels 0..9, as a torch-formatted ``datasets.Dataset``."""
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(seed)
+    return Dataset.from_dict({"pixel_values": torch.randn(n, 1, 28, 28, generator=gen).numpy(),
+                              "labels": torch.randint(0, 10, (n,), generator=gen).tolist()}).with_format("torch")
